@@ -1,0 +1,5 @@
+import sys
+
+from megatron_opd.cli import main
+
+sys.exit(main())

@@ -1,0 +1,182 @@
+"""Name and shape mapping between Hugging Face Qwen3 / Qwen3-MoE tensors and Megatron-Core
+parameters, and the tensor transforms that go with it.
+
+A Megatron parameter name is resolved to a :class:`ParamMapping`: which HF tensors make it, and
+how they are laid out (``kind``). For each kind, :func:`hf_to_shard` builds one TP rank's shard
+from the HF tensors and :func:`shards_to_hf` rebuilds the HF tensors from all TP shards; the two
+are exact inverses. Layer and expert indices in Megatron names are local to a PP stage / EP rank;
+the caller passes the global ones (see :func:`resolve`).
+
+Kinds:
+- ``replicated``: the same tensor on every TP rank (norms, router).
+- ``column``: split on dim 0 (vocab-parallel embedding / output layer too).
+- ``row``: split on dim 1.
+- ``qkv``: HF ``q_proj``, ``k_proj``, ``v_proj`` -> Megatron ``linear_qkv``, interleaved per
+  query group: for each group ``[q heads of the group; k; v]``, split on groups.
+- ``gated``: HF ``gate_proj``, ``up_proj`` -> ``linear_fc1``; rank r holds ``[gate_r; up_r]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+Kind = Literal["replicated", "column", "row", "qkv", "gated"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamMapping:
+    mcore: str  # Megatron parameter name (with local layer / expert indices)
+    hf: tuple[str, ...]  # HF tensor names, in the order the kind expects
+    kind: Kind
+    tp_axis: Literal["tp", "etp"] = "tp"  # expert linears split over expert-tensor-parallel ranks
+    expert: int | None = None  # global expert index for expert parameters
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionShape:
+    num_heads: int
+    num_query_groups: int
+    head_dim: int
+
+    @classmethod
+    def of(cls, hf_config: object) -> AttentionShape:
+        from megatron_opd.models.qwen3 import head_dim
+
+        return cls(hf_config.num_attention_heads, hf_config.num_key_value_heads, head_dim(hf_config))
+
+
+# (regex over the Megatron name after the layer prefix, HF suffixes, kind)
+_LAYER_RULES: list[tuple[str, tuple[str, ...], Kind]] = [
+    (
+        r"input_layernorm\.weight|self_attention\.linear_qkv\.layer_norm_weight",
+        ("input_layernorm.weight",),
+        "replicated",
+    ),
+    (
+        r"self_attention\.linear_qkv\.weight",
+        ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+        "qkv",
+    ),
+    (r"self_attention\.q_layernorm\.weight", ("self_attn.q_norm.weight",), "replicated"),
+    (r"self_attention\.k_layernorm\.weight", ("self_attn.k_norm.weight",), "replicated"),
+    (r"self_attention\.linear_proj\.weight", ("self_attn.o_proj.weight",), "row"),
+    (
+        r"pre_mlp_layernorm\.weight|mlp\.linear_fc1\.layer_norm_weight",
+        ("post_attention_layernorm.weight",),
+        "replicated",
+    ),
+    (r"mlp\.linear_fc1\.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight"), "gated"),
+    (r"mlp\.linear_fc2\.weight", ("mlp.down_proj.weight",), "row"),
+    (r"mlp\.router\.weight", ("mlp.gate.weight",), "replicated"),
+]
+# SequentialMLP: experts.local_experts.{e}.linear_fcX.weight ; TEGroupedMLP: experts.linear_fcX.weight{e}
+_EXPERT_RE = re.compile(
+    r"mlp\.experts\.(?:local_experts\.(?P<e1>\d+)\.linear_fc(?P<f1>[12])\.weight"
+    r"|linear_fc(?P<f2>[12])\.weight(?P<e2>\d+))$"
+)
+_LAYER_RE = re.compile(r"^decoder\.layers\.(?P<layer>\d+)\.(?P<rest>.+)$")
+_TOP_RULES: dict[str, tuple[str, Kind]] = {
+    "embedding.word_embeddings.weight": ("model.embed_tokens.weight", "column"),
+    "output_layer.weight": ("lm_head.weight", "column"),
+    "decoder.final_layernorm.weight": ("model.norm.weight", "replicated"),
+}
+
+
+class UnmappedParameterError(KeyError):
+    pass
+
+
+def resolve(
+    mcore_name: str,
+    *,
+    layer_offset: int = 0,
+    expert_offset: int = 0,
+    tie_word_embeddings: bool = False,
+) -> ParamMapping:
+    """The mapping of one Megatron parameter of this rank.
+
+    ``layer_offset``: global index of this stage's first layer. ``expert_offset``: global index
+    of this EP rank's first local expert. A tied ``output_layer`` (a PP>1 last stage keeps its own
+    copy) maps to ``model.embed_tokens.weight``.
+    """
+    if mcore_name in _TOP_RULES:
+        hf, kind = _TOP_RULES[mcore_name]
+        if mcore_name == "output_layer.weight" and tie_word_embeddings:
+            hf = "model.embed_tokens.weight"
+        return ParamMapping(mcore_name, (hf,), kind)
+    m = _LAYER_RE.match(mcore_name)
+    if not m:
+        raise UnmappedParameterError(f"no HF mapping for Megatron parameter {mcore_name!r}")
+    layer = int(m["layer"]) + layer_offset
+    rest = m["rest"]
+    prefix = f"model.layers.{layer}."
+    em = _EXPERT_RE.match(rest)
+    if em:
+        local = int(em["e1"] if em["e1"] is not None else em["e2"])
+        fc = em["f1"] or em["f2"]
+        expert = local + expert_offset
+        ep = f"{prefix}mlp.experts.{expert}."
+        if fc == "1":
+            return ParamMapping(mcore_name, (ep + "gate_proj.weight", ep + "up_proj.weight"), "gated", "etp", expert)
+        return ParamMapping(mcore_name, (ep + "down_proj.weight",), "row", "etp", expert)
+    for pattern, hf_suffixes, kind in _LAYER_RULES:
+        if re.fullmatch(pattern, rest):
+            return ParamMapping(mcore_name, tuple(prefix + s for s in hf_suffixes), kind)
+    raise UnmappedParameterError(f"no HF mapping for Megatron parameter {mcore_name!r}")
+
+
+def _split(t: Tensor, dim: int, rank: int, size: int) -> Tensor:
+    if t.shape[dim] % size:
+        raise ValueError(f"dimension {dim} of shape {tuple(t.shape)} is not divisible by {size}")
+    return t.chunk(size, dim=dim)[rank]
+
+
+def hf_to_shard(kind: Kind, hf: list[Tensor], rank: int, size: int, attn: AttentionShape | None = None) -> Tensor:
+    """TP rank ``rank`` of ``size``'s shard of the Megatron parameter made from ``hf``."""
+    if kind == "replicated":
+        return hf[0]
+    if kind == "column":
+        return _split(hf[0], 0, rank, size)
+    if kind == "row":
+        return _split(hf[0], 1, rank, size)
+    if kind == "gated":
+        return torch.cat([_split(hf[0], 0, rank, size), _split(hf[1], 0, rank, size)], dim=0)
+    if kind == "qkv":
+        assert attn is not None
+        q, k, v = hf
+        ng, hd = attn.num_query_groups, attn.head_dim
+        qpg = attn.num_heads // ng
+        h = q.shape[-1]
+        full = torch.cat(
+            [q.reshape(ng, qpg * hd, h), k.reshape(ng, hd, h), v.reshape(ng, hd, h)], dim=1
+        )  # [ng, (qpg + 2) * hd, h]
+        return _split(full, 0, rank, size).reshape(-1, h)
+    raise ValueError(f"unknown kind {kind!r}")
+
+
+def shards_to_hf(kind: Kind, shards: list[Tensor], attn: AttentionShape | None = None) -> list[Tensor]:
+    """The HF tensors of a Megatron parameter from its TP shards (rank order); inverse of
+    :func:`hf_to_shard`."""
+    if kind == "replicated":
+        return [shards[0]]
+    if kind == "column":
+        return [torch.cat(shards, dim=0)]
+    if kind == "row":
+        return [torch.cat(shards, dim=1)]
+    if kind == "gated":
+        halves = [s.chunk(2, dim=0) for s in shards]
+        return [torch.cat([g for g, _ in halves], dim=0), torch.cat([u for _, u in halves], dim=0)]
+    if kind == "qkv":
+        assert attn is not None
+        ng, hd = attn.num_query_groups, attn.head_dim
+        qpg = attn.num_heads // ng
+        h = shards[0].shape[-1]
+        full = torch.cat([s.reshape(-1, (qpg + 2) * hd, h) for s in shards], dim=0)
+        q, k, v = full.split([qpg * hd, hd, hd], dim=1)
+        return [q.reshape(-1, h), k.reshape(-1, h), v.reshape(-1, h)]
+    raise ValueError(f"unknown kind {kind!r}")

@@ -1,0 +1,254 @@
+"""Qwen3 and Qwen3-MoE as Megatron-Core ``GPTModel``s, built from a Hugging Face config.
+
+Qwen3 is a pre-norm decoder: RMSNorm, GQA attention with per-head RMSNorm on q and k, RoPE,
+SwiGLU MLP (or a softmax-routed mixture of SwiGLU experts without shared experts), no biases.
+Each of these maps onto a TransformerConfig field; see :func:`transformer_config_from_hf`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import importlib.util
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+from megatron_opd.models.attention import SDPAttention
+from megatron_opd.models.norm import QKRMSNorm, RMSNorm
+
+SUPPORTED_MODEL_TYPES = ("qwen3", "qwen3_moe")
+SpecName = Literal["auto", "te", "local"]
+
+
+class ModelConfigError(ValueError):
+    """A Hugging Face config this builder cannot turn into a Megatron model."""
+
+
+def _get(hf_config: Any, name: str, default: Any = None) -> Any:
+    return getattr(hf_config, name, default)
+
+
+def rope_theta(hf_config: Any) -> float:
+    """RoPE base. transformers v5 keeps it in ``rope_parameters``; v4 in ``rope_theta``."""
+    params = _get(hf_config, "rope_parameters") or {}
+    if "rope_theta" in params:
+        rope_type = params.get("rope_type", "default")
+        if rope_type != "default":
+            raise ModelConfigError(
+                f"rope_parameters.rope_type={rope_type!r} is not supported; only 'default' RoPE "
+                "(Qwen3's) is. Remove the rope scaling from config.json or use a base model."
+            )
+        return float(params["rope_theta"])
+    theta = _get(hf_config, "rope_theta")
+    if theta is None:
+        raise ModelConfigError("config has neither rope_parameters.rope_theta nor rope_theta")
+    return float(theta)
+
+
+def num_experts(hf_config: Any) -> int:
+    """Routed experts per MoE layer (0 for a dense model)."""
+    if _get(hf_config, "model_type") != "qwen3_moe":
+        return 0
+    return int(_get(hf_config, "num_experts", None) or _get(hf_config, "num_local_experts", 0))
+
+
+def moe_layer_pattern(hf_config: Any) -> list[int]:
+    """1 where layer ``i`` is an MoE layer, 0 where it is dense (Qwen3-MoE's sparse-step rule)."""
+    n = int(hf_config.num_hidden_layers)
+    if num_experts(hf_config) == 0:
+        return [0] * n
+    step = int(_get(hf_config, "decoder_sparse_step", 1) or 1)
+    dense = set(_get(hf_config, "mlp_only_layers", None) or [])
+    return [int(i not in dense and (i + 1) % step == 0) for i in range(n)]
+
+
+def head_dim(hf_config: Any) -> int:
+    hd = _get(hf_config, "head_dim")
+    return int(hd) if hd else hf_config.hidden_size // hf_config.num_attention_heads
+
+
+def check_supported(hf_config: Any) -> None:
+    model_type = _get(hf_config, "model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ModelConfigError(
+            f"model_type={model_type!r} is not supported; megatron_opd builds "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)} models (Qwen3 dense and Qwen3-MoE)."
+        )
+    if _get(hf_config, "hidden_act", "silu") != "silu":
+        raise ModelConfigError(f"hidden_act={hf_config.hidden_act!r}: Qwen3 uses 'silu'")
+    if _get(hf_config, "attention_bias", False):
+        raise ModelConfigError("attention_bias=True is not a Qwen3 layout")
+    if _get(hf_config, "use_sliding_window", False):
+        raise ModelConfigError("use_sliding_window=True is not supported")
+    rope_theta(hf_config)
+
+
+def transformer_config_from_hf(
+    hf_config: Any,
+    *,
+    params_dtype: torch.dtype = torch.float32,
+    sequence_parallel: bool = False,
+    recompute_granularity: str | None = None,
+    recompute_num_layers: int | None = None,
+    moe_token_dispatcher_type: str | None = None,
+    moe_grouped_gemm: bool = False,
+    use_cpu_initialization: bool | None = None,
+    **overrides: Any,
+) -> TransformerConfig:
+    """The Megatron ``TransformerConfig`` of a Qwen3 / Qwen3-MoE HF config.
+
+    Parallel sizes are read from megatron's ``parallel_state`` (which must be initialized).
+    ``overrides`` are passed to ``TransformerConfig`` last (any of its fields).
+    """
+    check_supported(hf_config)
+    cuda = torch.cuda.is_available()
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    # megatron-core requires sequence parallelism for MoE layers under TP (sequence length must
+    # then be a multiple of TP).
+    sequence_parallel = sequence_parallel or (num_experts(hf_config) > 0 and tp > 1)
+    pattern = moe_layer_pattern(hf_config)
+    n_experts = num_experts(hf_config)
+    fields: dict[str, Any] = dict(
+        num_layers=hf_config.num_hidden_layers,
+        hidden_size=hf_config.hidden_size,
+        num_attention_heads=hf_config.num_attention_heads,
+        num_query_groups=hf_config.num_key_value_heads,
+        kv_channels=head_dim(hf_config),
+        ffn_hidden_size=_get(hf_config, "intermediate_size") or hf_config.hidden_size * 4,
+        normalization="RMSNorm",
+        layernorm_epsilon=hf_config.rms_norm_eps,
+        qk_layernorm=True,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=_get(hf_config, "initializer_range", 0.02),
+        params_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        pipeline_dtype=params_dtype,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
+        expert_model_parallel_size=parallel_state.get_expert_model_parallel_world_size(),
+        expert_tensor_parallel_size=parallel_state.get_expert_tensor_parallel_world_size(),
+        sequence_parallel=sequence_parallel,
+        use_cpu_initialization=(not cuda) if use_cpu_initialization is None else use_cpu_initialization,
+        recompute_granularity=recompute_granularity,
+        recompute_method="uniform" if recompute_granularity == "full" else None,
+        recompute_num_layers=recompute_num_layers if recompute_granularity == "full" else None,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+    )
+    if n_experts:
+        fields.update(
+            num_moe_experts=n_experts,
+            moe_router_topk=hf_config.num_experts_per_tok,
+            moe_ffn_hidden_size=hf_config.moe_intermediate_size,
+            moe_layer_freq=pattern,
+            moe_router_score_function="softmax",
+            # norm_topk_prob=True: softmax over the top-k logits == renormalized top-k probs.
+            moe_router_pre_softmax=not bool(_get(hf_config, "norm_topk_prob", False)),
+            moe_router_load_balancing_type="none",
+            moe_aux_loss_coeff=0.0,
+            moe_router_dtype="fp32",
+            moe_grouped_gemm=moe_grouped_gemm,
+            moe_token_dispatcher_type=moe_token_dispatcher_type or ("alltoall" if cuda else "allgather"),
+        )
+    fields.update(overrides)
+    return TransformerConfig(**fields)
+
+
+def has_transformer_engine() -> bool:
+    return importlib.util.find_spec("transformer_engine") is not None
+
+
+def resolve_spec_name(spec: SpecName = "auto") -> Literal["te", "local"]:
+    """``auto`` picks Transformer Engine where it is installed and CUDA is present, else local."""
+    if spec == "auto":
+        return "te" if torch.cuda.is_available() and has_transformer_engine() else "local"
+    if spec == "te" and not has_transformer_engine():
+        raise ModelConfigError(
+            "spec='te' needs Transformer Engine (pip install megatron_opd[gpu]); "
+            "use spec='local' (SDPA attention) or 'auto'."
+        )
+    if spec not in ("te", "local"):
+        raise ModelConfigError(f"spec={spec!r}: choose one of auto, te, local")
+    return spec
+
+
+def layer_block_spec(config: TransformerConfig, spec: SpecName = "auto") -> TransformerBlockSubmodules:
+    """The decoder block spec for this pipeline stage.
+
+    ``te``: megatron-core's Transformer Engine spec (fused layernorm-linear, TE attention).
+    ``local``: megatron-core's local modules with :class:`SDPAttention` as core attention and
+    sequence-parallel-capable RMSNorms (:mod:`megatron_opd.models.norm`).
+    """
+    name = resolve_spec_name(spec)
+    block = get_gpt_decoder_block_spec(config, use_transformer_engine=name == "te", normalization="RMSNorm")
+    if name == "te":
+        return block
+    layer_specs = []
+    for layer_spec in block.layer_specs:
+        layer_spec = copy.deepcopy(layer_spec)
+        layer_spec.submodules.input_layernorm = RMSNorm
+        layer_spec.submodules.pre_mlp_layernorm = RMSNorm
+        attn = layer_spec.submodules.self_attention
+        attn.submodules = dataclasses.replace(
+            attn.submodules, core_attention=SDPAttention, q_layernorm=QKRMSNorm, k_layernorm=QKRMSNorm
+        )
+        layer_specs.append(layer_spec)
+    return TransformerBlockSubmodules(layer_specs=layer_specs, layer_norm=RMSNorm)
+
+
+def build_gpt_model(
+    hf_config: Any,
+    *,
+    spec: SpecName = "auto",
+    pre_process: bool | None = None,
+    post_process: bool | None = None,
+    parallel_output: bool = True,
+    **config_options: Any,
+) -> GPTModel:
+    """This rank's part of a Qwen3 / Qwen3-MoE ``GPTModel`` under the current parallel state.
+
+    With no options: fp32 parameters, the spec chosen by :func:`resolve_spec_name`, pre/post
+    process from this rank's pipeline stage, vocab-parallel logits ([s, b, V/TP] -> GPTModel
+    returns [b, s, V/TP]). ``config_options`` go to :func:`transformer_config_from_hf`.
+    """
+    from megatron_opd.platform import cpu_compat
+
+    cpu_compat.activate()
+    config = transformer_config_from_hf(hf_config, **config_options)
+    tp = config.tensor_model_parallel_size
+    if hf_config.vocab_size % tp:
+        raise ModelConfigError(f"vocab_size={hf_config.vocab_size} is not divisible by tensor_model_parallel_size={tp}")
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=layer_block_spec(config, spec),
+        vocab_size=hf_config.vocab_size,
+        max_sequence_length=hf_config.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=parallel_output,
+        share_embeddings_and_output_weights=bool(_get(hf_config, "tie_word_embeddings", False)),
+        position_embedding_type="rope",
+        rotary_base=rope_theta(hf_config),
+    )
+    return model

@@ -1,0 +1,130 @@
+"""Let megatron-core run on a machine without CUDA.
+
+megatron-core hard-codes CUDA in places that have a CPU meaning (see
+``shared/notes/megatron-core-on-cpu.md``). :func:`activate` redirects each of them, once per
+process, and only when ``torch.cuda.is_available()`` is False; on a GPU it does nothing. Every
+redirection is listed here and tested in ``tests/unit/test_cpu_compat.py`` so a megatron-core
+upgrade that changes them is caught:
+
+1. ``device="cuda"`` / ``device=torch.cuda.current_device()`` (an int) in tensor factories and
+   ``Tensor.to``/``Tensor.cuda``: a :class:`~torch.overrides.TorchFunctionMode` rewrites the
+   device argument to CPU.
+2. CUDA RNG state (``torch.cuda.get_rng_state/set_rng_state/manual_seed`` and megatron's
+   ``_get_cuda_rng_state``/``_set_cuda_rng_state``): mapped to the CPU default generator.
+3. ``torch.cuda.current_device``/``device_count``/``synchronize``/``Stream``/memory queries:
+   CPU answers (device 0, one device, no-op, a dummy stream, zero bytes).
+4. ``megatron.core.transformer.moe.moe_utils.te_general_gemm``: bound to ``None`` when
+   Transformer Engine is absent (it is referenced unconditionally in the router).
+5. The MoE ``alltoall`` dispatcher creates a CUDA stream: configs choose ``allgather`` on CPU
+   (done in :mod:`megatron_opd.models.qwen3`), not patched here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_ACTIVE = False
+_LOCK = threading.Lock()
+
+
+def _is_cuda_device(device: Any) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    # megatron passes torch.cuda.current_device() (an int) as a device
+    return isinstance(device, int) and not isinstance(device, bool)
+
+
+def _to_cpu_args(func: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+        kwargs = {**kwargs, "device": "cpu"}
+    if func in (torch.Tensor.to, torch.Tensor.cuda) and args:
+        args = tuple("cpu" if i > 0 and _is_cuda_device(a) else a for i, a in enumerate(args))
+        if func is torch.Tensor.cuda:
+            return (args[0],), {k: v for k, v in kwargs.items() if k != "device"}
+    return args, kwargs
+
+
+class CudaToCpuMode(TorchFunctionMode):
+    """Rewrites CUDA device arguments to CPU in every torch call made under it."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        args, kwargs = _to_cpu_args(func, args, kwargs)
+        if func is torch.Tensor.cuda:
+            return args[0]
+        return func(*args, **kwargs)
+
+
+class _CpuStream:
+    """Stands in for ``torch.cuda.Stream`` on CPU: work is synchronous, so it is a no-op."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def wait_stream(self, other: Any) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def record_event(self, event: Any = None) -> Any:
+        return event
+
+
+def _patch_torch_cuda() -> None:
+    cuda = torch.cuda
+    cuda.current_device = lambda: 0
+    cuda.device_count = lambda: 1
+    cuda.synchronize = lambda device=None: None
+    cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
+    cuda.set_rng_state = lambda new_state, device="cuda": torch.set_rng_state(new_state)
+    cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
+    cuda.Stream = _CpuStream
+    cuda.current_stream = lambda device=None: _CpuStream()
+    cuda.stream = lambda stream=None: contextlib.nullcontext()
+    cuda.set_device = lambda device: None
+    cuda.memory_allocated = lambda device=None: 0
+    cuda.max_memory_allocated = lambda device=None: 0
+    cuda.empty_cache = lambda: None
+
+
+def _patch_megatron() -> None:
+    from megatron.core.tensor_parallel import random as mc_random
+
+    mc_random._get_cuda_rng_state = lambda device="cuda", clone=False, graph_safe=False: (
+        torch.get_rng_state().clone() if clone else torch.get_rng_state()
+    )
+    mc_random._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state)
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
+def activate() -> bool:
+    """Switch the compatibility layer on for this process if CUDA is absent.
+
+    Returns True when it is (now or already) active. Idempotent and thread-safe.
+    """
+    global _ACTIVE
+    if torch.cuda.is_available():
+        return False
+    with _LOCK:
+        if _ACTIVE:
+            return True
+        _patch_torch_cuda()
+        _patch_megatron()
+        CudaToCpuMode().__enter__()  # stays pushed for the life of the process
+        _ACTIVE = True
+    return True
+
+
+def is_active() -> bool:
+    return _ACTIVE

@@ -6,27 +6,29 @@ process, and only when ``torch.cuda.is_available()`` is False; on a GPU it does 
 redirection is listed here and tested in ``tests/unit/test_cpu_compat.py`` so a megatron-core
 upgrade that changes them is caught:
 
-1. ``device="cuda"`` / ``device=torch.cuda.current_device()`` (an int) in tensor factories and
-   ``Tensor.to``/``Tensor.cuda``: a :class:`~torch.overrides.TorchFunctionMode` rewrites the
-   device argument to CPU.
+1. ``device="cuda"`` / ``device=torch.cuda.current_device()`` (an int) in tensor factories
+   (``torch.empty``, ``torch.zeros``, ...), ``Tensor.new_*``, ``Tensor.to`` and ``Tensor.cuda``:
+   the device argument is rewritten to CPU (process-wide, every thread, backward included).
 2. CUDA RNG state (``torch.cuda.get_rng_state/set_rng_state/manual_seed`` and megatron's
    ``_get_cuda_rng_state``/``_set_cuda_rng_state``): mapped to the CPU default generator.
 3. ``torch.cuda.current_device``/``device_count``/``synchronize``/``Stream``/memory queries:
    CPU answers (device 0, one device, no-op, a dummy stream, zero bytes).
 4. ``megatron.core.transformer.moe.moe_utils.te_general_gemm``: bound to ``None`` when
    Transformer Engine is absent (it is referenced unconditionally in the router).
-5. The MoE ``alltoall`` dispatcher creates a CUDA stream: configs choose ``allgather`` on CPU
+5. ``Tensor.type()`` (no arguments) answers ``torch.cuda.FloatTensor`` style names for CPU
+   tensors: megatron's (distributed) optimizer dispatches on those strings.
+6. The MoE ``alltoall`` dispatcher creates a CUDA stream: configs choose ``allgather`` on CPU
    (done in :mod:`megatron_opd.models.qwen3`), not patched here.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from typing import Any
 
 import torch
-from torch.overrides import TorchFunctionMode
 
 _ACTIVE = False
 _LOCK = threading.Lock()
@@ -41,25 +43,58 @@ def _is_cuda_device(device: Any) -> bool:
     return isinstance(device, int) and not isinstance(device, bool)
 
 
-def _to_cpu_args(func: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    if "device" in kwargs and _is_cuda_device(kwargs["device"]):
-        kwargs = {**kwargs, "device": "cpu"}
-    if func in (torch.Tensor.to, torch.Tensor.cuda) and args:
-        args = tuple("cpu" if i > 0 and _is_cuda_device(a) else a for i, a in enumerate(args))
-        if func is torch.Tensor.cuda:
-            return (args[0],), {k: v for k, v in kwargs.items() if k != "device"}
-    return args, kwargs
+# Tensor factories that take a ``device`` argument. Patched as module attributes (not with a
+# TorchFunctionMode: modes are thread-local and popped while they run, so code executed by
+# ``backward`` -- megatron's autograd functions allocate in their backward -- would escape one).
+_FACTORIES = (
+    "empty", "empty_like", "empty_strided", "zeros", "zeros_like", "ones", "ones_like", "full", "full_like",
+    "arange", "range", "linspace", "logspace", "eye", "tensor", "as_tensor", "asarray", "rand", "rand_like",
+    "randn", "randn_like", "randint", "randint_like", "randperm", "scalar_tensor", "tril_indices", "triu_indices",
+)  # fmt: skip
 
 
-class CudaToCpuMode(TorchFunctionMode):
-    """Rewrites CUDA device arguments to CPU in every torch call made under it."""
+def _device_to_cpu(fn: Any) -> Any:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            kwargs["device"] = "cpu"
+        return fn(*args, **kwargs)
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        args, kwargs = _to_cpu_args(func, args, kwargs)
-        if func is torch.Tensor.cuda:
-            return args[0]
-        return func(*args, **kwargs)
+    wrapper.__opd_cpu_compat__ = True  # type: ignore[attr-defined]
+    return wrapper
+
+
+def _patch_tensor_methods() -> None:
+    original_to = torch.Tensor.to
+    original_type = torch.Tensor.type
+
+    def to(self: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        args = tuple("cpu" if _is_cuda_device(a) else a for a in args)
+        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            kwargs["device"] = "cpu"
+        return original_to(self, *args, **kwargs)
+
+    def cuda(self: torch.Tensor, device: Any = None, non_blocking: bool = False, **_: Any) -> torch.Tensor:
+        return self
+
+    def type_(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        result = original_type(self, *args, **kwargs)
+        if not args and not kwargs and not result.startswith("torch.cuda."):
+            return result.replace("torch.", "torch.cuda.", 1)
+        return result
+
+    torch.Tensor.to = to  # type: ignore[method-assign]
+    torch.Tensor.cuda = cuda  # type: ignore[method-assign]
+    torch.Tensor.type = type_  # type: ignore[method-assign]
+    for name in ("new_empty", "new_zeros", "new_ones", "new_full", "new_tensor"):
+        setattr(torch.Tensor, name, _device_to_cpu(getattr(torch.Tensor, name)))
+
+
+def _patch_factories() -> None:
+    for name in _FACTORIES:
+        fn = getattr(torch, name, None)
+        if fn is not None and not getattr(fn, "__opd_cpu_compat__", False):
+            setattr(torch, name, _device_to_cpu(fn))
 
 
 class _CpuStream:
@@ -120,8 +155,9 @@ def activate() -> bool:
         if _ACTIVE:
             return True
         _patch_torch_cuda()
+        _patch_factories()
+        _patch_tensor_methods()
         _patch_megatron()
-        CudaToCpuMode().__enter__()  # stays pushed for the life of the process
         _ACTIVE = True
     return True
 

@@ -1,7 +1,31 @@
-"""Typed run configuration: YAML + ``key=value`` overrides, validated before anything starts."""
+"""Typed run configuration: YAML + ``key=value`` overrides, validated before anything starts.
+
+The schema imports each subsystem's section (``data/config.py``, ``rollout/config.py``, ...), and
+those import :mod:`megatron_opd.config.errors`; the names below are therefore resolved lazily so
+importing a subsystem first does not make a circular import.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 from megatron_opd.config.errors import ConfigError
-from megatron_opd.config.loader import load_config, to_yaml
-from megatron_opd.config.schema import ModelConfig, OPDConfig, ParallelConfig, TeacherConfig
+
+_LAZY = {
+    "load_config": "megatron_opd.config.loader",
+    "to_yaml": "megatron_opd.config.loader",
+    "ModelConfig": "megatron_opd.config.schema",
+    "OPDConfig": "megatron_opd.config.schema",
+    "ParallelConfig": "megatron_opd.config.schema",
+    "TeacherConfig": "megatron_opd.config.schema",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["ConfigError", "ModelConfig", "OPDConfig", "ParallelConfig", "TeacherConfig", "load_config", "to_yaml"]

@@ -1,0 +1,90 @@
+"""The chunked torch path (CPU, and any device without Triton): the same two passes as the Triton kernels, over
+blocks of rows so that no fp32 copy larger than ``CHUNK_ELEMENTS`` of the logits shard ever exists
+(DESIGN "no fp32 [tokens x vocab] tensor"; OBJECTIVES.md §5)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from megatron_opd.kernels.vocab_parallel import LocalStats
+
+CHUNK_ELEMENTS = 1 << 22  # fp32 elements per temporary (16 MiB)
+
+
+def _row_slices(n: int, v: int) -> list[slice]:
+    step = max(1, CHUNK_ELEMENTS // max(v, 1))
+    return [slice(r0, min(r0 + step, n)) for r0 in range(0, n, step)]
+
+
+def _scaled(chunk: Tensor, inv_temp: float) -> Tensor:
+    """``chunk / T`` in fp32, never aliasing ``chunk`` (``.float()`` of an fp32 tensor is the tensor itself)."""
+    return chunk.float() * inv_temp if inv_temp != 1.0 else chunk.float()
+
+
+def _gather_x(x: Tensor, cols: Tensor) -> Tensor:
+    """``x`` at columns ``cols`` (any shape [R, K]); 0 where ``cols < 0``."""
+    vals = x.gather(1, cols.clamp(min=0))
+    return torch.where(cols >= 0, vals, torch.zeros_like(vals))
+
+
+def row_stats(
+    logits: Tensor, labels_local: Tensor, ids_local: Tensor | None, inv_temp: float, topk: int
+) -> tuple[LocalStats, Tensor | None, Tensor | None]:
+    """Per-row shard statistics and, when ``topk > 0``, the shard's top-``min(topk, V_local)`` of ``x`` with
+    their columns."""
+    n, v = logits.shape
+    f32 = dict(dtype=torch.float32, device=logits.device)
+    row_max, sum_exp, sum_shift, label_x = (torch.empty(n, **f32) for _ in range(4))
+    ids_x = None if ids_local is None else torch.empty(ids_local.shape, **f32)
+    kk = min(topk, v)
+    top_x = torch.empty(n, kk, **f32) if topk else None
+    top_col = torch.empty(n, kk, dtype=torch.int64, device=logits.device) if topk else None
+    for rows in _row_slices(n, v):
+        x = _scaled(logits[rows], inv_temp)
+        m = x.amax(dim=1)
+        d = x - torch.where(torch.isfinite(m), m, torch.zeros_like(m)).unsqueeze(1)
+        e = torch.exp(d)
+        row_max[rows] = m
+        sum_exp[rows] = e.sum(dim=1)
+        sum_shift[rows] = torch.where(e > 0, e * d, torch.zeros_like(e)).sum(dim=1)
+        label_x[rows] = _gather_x(x, labels_local[rows].unsqueeze(1)).squeeze(1)
+        if ids_x is not None:
+            ids_x[rows] = _gather_x(x, ids_local[rows])
+        if topk:
+            top_x[rows], top_col[rows] = torch.topk(x, kk, dim=1)
+    return LocalStats(row_max, sum_exp, sum_shift, label_x, ids_x), top_x, top_col
+
+
+def grad_logits(
+    logits: Tensor,
+    labels_local: Tensor,
+    ids_local: Tensor | None,
+    row_vals: Tensor,
+    g_ids: Tensor | None,
+    inv_temp: float,
+) -> Tensor:
+    """d loss / d logits for this shard, in the logits' dtype.
+
+    ``row_vals[N, 6]`` = (max, log-sum, H, G, g_H, g_label): ``G`` the sum of all label/ids upstream gradients
+    (masked rows already zeroed). Per element, with ``log p = (x - max) - log-sum``:
+    ``dz_j = inv_temp · [p_j·(-G - g_H·(log p_j + H)) + g_label·1[j = y] + Σ_k g_k·1[j = id_k]]``.
+    """
+    n, v = logits.shape
+    out = torch.empty_like(logits)
+    row_max, log_sum, ent, g_all, g_ent, g_lab = row_vals.unbind(1)
+    for rows in _row_slices(n, v):
+        x = _scaled(logits[rows], inv_temp)
+        logp = (x - row_max[rows].unsqueeze(1)) - log_sum[rows].unsqueeze(1)
+        p = torch.exp(logp)
+        coef = -g_all[rows].unsqueeze(1) - g_ent[rows].unsqueeze(1) * (logp + ent[rows].unsqueeze(1))
+        dx = torch.where(p > 0, p * coef, torch.zeros_like(p))
+        lab = labels_local[rows].unsqueeze(1)
+        dx.scatter_add_(1, lab.clamp(min=0), torch.where(lab >= 0, g_lab[rows].unsqueeze(1), 0.0))
+        if ids_local is not None:
+            cols = ids_local[rows]
+            dx.scatter_add_(1, cols.clamp(min=0), torch.where(cols >= 0, g_ids[rows], 0.0))
+        if inv_temp != 1.0:
+            dx.mul_(inv_temp)
+        out[rows] = dx.to(logits.dtype)
+    return out

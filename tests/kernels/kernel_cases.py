@@ -1,0 +1,125 @@
+"""Shared inputs and float64 checks for the kernel tests (also imported by spawned TP ranks)."""
+
+from __future__ import annotations
+
+import io
+import os
+
+import torch
+import torch.distributed as dist
+
+from megatron_opd.kernels import token_logprobs, topk_logprobs
+from megatron_opd.kernels.reference import token_logprobs_reference
+
+
+def make_case(
+    seed: int,
+    n: int,
+    v: int,
+    k: int | None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    scale: float = 3.0,
+    neg_inf: bool = False,
+    ignore: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Logits [n, v] (distinct values), labels [n] with ignored rows, ids [n, k] with a duplicate and a padded id."""
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(n, v, generator=g, dtype=torch.float64) * scale).to(dtype)
+    labels = torch.randint(0, v, (n,), generator=g)
+    if ignore and n > 1:
+        labels[1] = -100
+    if neg_inf:
+        logits[0, : v // 3] = -torch.inf
+        logits[0, v - 1] = -torch.inf
+        labels[0] = 0  # a -inf label logit: log p = -inf, no NaN gradient
+        if n > 2:
+            logits[2, v // 2 :] = -torch.inf  # every column of the second TP half -inf in this row
+    ids = None
+    if k is not None:
+        ids = torch.stack([torch.randperm(v, generator=g)[:k] for _ in range(n)])
+        if k > 1 and n > 3:
+            ids[3, 1] = ids[3, 0]  # duplicate support entry
+        if k > 2 and n > 2:
+            ids[2, 2] = -1  # padded support entry
+    return logits, labels, ids
+
+
+def loss_weights(n: int, k: int | None, seed: int = 7) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    g = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(n, generator=g),
+        torch.randn(n, generator=g),
+        None if k is None else torch.randn(n, k, generator=g),
+    )
+
+
+def weighted_sum(out, weights) -> torch.Tensor:
+    """A loss touching all three outputs; -inf outputs are excluded (their gradient is still checked to be 0)."""
+    total = torch.zeros((), dtype=torch.float64)
+    for value, w in zip(out, weights):
+        if value is None:
+            continue
+        keep = torch.isfinite(value)
+        total = total + torch.where(keep, value.double() * w.double(), 0.0).sum()
+    return total
+
+
+def reference_with_grad(logits, labels, ids, temperature: float):
+    """Float64 outputs and d(weighted_sum)/d(logits), computed from the same input values."""
+    z = logits.detach().double().requires_grad_(True)
+    ref = token_logprobs_reference(z, labels, ids, temperature=temperature)
+    weighted_sum(ref, loss_weights(labels.shape[0], None if ids is None else ids.shape[1])).backward()
+    return ref, z.grad
+
+
+def ours_with_grad(logits, labels, ids, temperature: float, **kw):
+    z = logits.detach().clone().requires_grad_(True)
+    out = token_logprobs(z, labels, ids, temperature=temperature, **kw)
+    weighted_sum(out, loss_weights(labels.shape[0], None if ids is None else ids.shape[1])).backward()
+    return out, z.grad
+
+
+def assert_close_outputs(out, ref, atol: float) -> None:
+    for name, a, b in zip(("label_logprob", "entropy", "ids_logprob"), out, ref):
+        if b is None:
+            assert a is None, name
+            continue
+        assert a.dtype == torch.float32, name
+        same_inf = torch.isinf(a) == torch.isinf(b)
+        assert same_inf.all(), f"{name}: -inf pattern differs"
+        fin = torch.isfinite(b)
+        torch.testing.assert_close(a.double()[fin], b[fin], atol=atol, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def assert_close_grad(grad, ref_grad, dtype: torch.dtype) -> None:
+    assert grad.dtype == dtype
+    assert torch.isfinite(grad).all()
+    tol = 1e-5 if dtype == torch.float32 else 1e-2 * ref_grad.abs().max().item() + 1e-6
+    torch.testing.assert_close(grad.double(), ref_grad, atol=tol, rtol=1e-2 if dtype != torch.float32 else 1e-4)
+
+
+def tp_worker(logits, labels, ids, temperature: float, k: int, splits: list[int] | None) -> bytes:
+    """One TP rank: its shard's outputs, gradient and global top-k (even split, or ``splits`` widths), serialized
+    (tensors sent through the result queue would be shared by file descriptor with a process that has exited)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    v = logits.shape[1]
+    widths = splits or [v // world] * world
+    start = sum(widths[:rank])
+    shard = logits[:, start : start + widths[rank]].contiguous()
+    kw = dict(tp_group=dist.group.WORLD, vocab_start=start if splits else None)
+    out, grad = ours_with_grad(shard, labels, ids, temperature, **kw)
+    top = topk_logprobs(shard, k, temperature=temperature, **kw)
+    result = {
+        "out": [None if t is None else t.detach() for t in out],
+        "grad": grad,
+        "topk": top,
+        "backend": os.environ.get("OPD_KERNELS", ""),
+    }
+    buf = io.BytesIO()
+    torch.save(result, buf)
+    return buf.getvalue()
+
+
+def load_result(payload: bytes) -> dict:
+    return torch.load(io.BytesIO(payload))

@@ -1,0 +1,65 @@
+"""topk_logprobs (single process) against float64 log_softmax + topk, both backends."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kernel_cases import make_case
+
+from megatron_opd.config.errors import ConfigError
+from megatron_opd.kernels import topk_logprobs
+from megatron_opd.kernels.reference import topk_logprobs_reference
+
+BACKENDS = ["torch"]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, monkeypatch) -> str:
+    monkeypatch.setenv("OPD_KERNELS", request.param)
+    return request.param
+
+
+# (n, v, k, dtype, temperature)
+CASES = {
+    "fp32_k3": (5, 61, 3, torch.float32, 1.0),
+    "bf16_k4_temp": (4, 70, 4, torch.bfloat16, 0.6),
+    "k1": (3, 37, 1, torch.float32, 1.0),
+    "k_equals_v": (3, 17, 17, torch.float32, 1.0),
+    "k8_wide": (3, 200, 8, torch.float32, 1.5),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_topk_matches_float64(backend: str, case: str) -> None:
+    n, v, k, dtype, temperature = CASES[case]
+    logits, _, _ = make_case(hash(case) % 1000, n, v, None, dtype=dtype)
+    ids, logp = topk_logprobs(logits, k, temperature=temperature)
+    _ref_ids, ref_logp = topk_logprobs_reference(logits, k, temperature=temperature)
+    assert ids.dtype == torch.int64 and logp.dtype == torch.float32 and ids.shape == (n, k)
+    torch.testing.assert_close(logp.double(), ref_logp, atol=2e-5, rtol=0)
+    # Ties (bf16 logits have some) may order equal values differently: compare the value at each chosen id instead.
+    full = torch.log_softmax(logits.double() / temperature, -1)
+    torch.testing.assert_close(full.gather(1, ids), ref_logp, atol=2e-5, rtol=0)
+    assert (ids.sort(1).values.diff(dim=1) > 0).all()  # distinct ids
+    assert (logp.diff(dim=1) <= 0).all()  # descending
+
+
+def test_topk_with_neg_inf_rows(backend: str) -> None:
+    logits, _, _ = make_case(21, 4, 40, None, neg_inf=True)
+    logits[1, :-3] = -torch.inf  # only 3 finite entries, k = 5
+    ids, logp = topk_logprobs(logits, 5)
+    _ref_ids, ref_logp = topk_logprobs_reference(logits, 5)
+    assert torch.equal(torch.isinf(logp), torch.isinf(ref_logp))
+    fin = torch.isfinite(ref_logp)
+    torch.testing.assert_close(logp.double()[fin], ref_logp[fin], atol=2e-5, rtol=0)
+    assert ((ids >= 0) & (ids < 40)).all()
+
+
+def test_topk_no_grad_and_bad_k() -> None:
+    logits = torch.randn(2, 10, requires_grad=True)
+    _ids, logp = topk_logprobs(logits, 2)
+    assert not logp.requires_grad
+    for bad in (0, 11, 2.0):
+        with pytest.raises(ConfigError) as err:
+            topk_logprobs(logits, bad)
+        assert err.value.key == "k"

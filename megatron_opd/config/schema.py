@@ -42,7 +42,9 @@ class ParallelConfig:
             "data_parallel_size",
         ):
             check_positive(f"{key}.{f}", getattr(self, f))
-        tp, pp, ep = self.tensor_model_parallel_size, self.pipeline_model_parallel_size, self.expert_model_parallel_size
+        if hf_config is not None:
+            self._validate_for_model(key, hf_config)
+        tp, ep = self.tensor_model_parallel_size, self.expert_model_parallel_size
         etp = self.expert_tensor_parallel_size or tp
         if (tp * self.data_parallel_size) % (ep * etp):
             raise ConfigError(
@@ -51,10 +53,11 @@ class ParallelConfig:
                 f"EP x ETP = {ep * etp} must divide TP x DP = {tp * self.data_parallel_size}.",
                 "raise data_parallel_size or lower expert_model_parallel_size.",
             )
-        if hf_config is None:
-            return
+
+    def _validate_for_model(self, key: str, hf_config: Any) -> None:
         from megatron_opd.models.qwen3 import num_experts
 
+        tp, pp, ep = self.tensor_model_parallel_size, self.pipeline_model_parallel_size, self.expert_model_parallel_size
         heads, groups = hf_config.num_attention_heads, hf_config.num_key_value_heads
         if groups % tp:
             raise ConfigError(

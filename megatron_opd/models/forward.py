@@ -12,22 +12,26 @@ from torch import Tensor
 
 def run_schedule(
     model: torch.nn.Module,
-    microbatches: Sequence[dict[str, Tensor]],
-    step_fn: Callable[[torch.nn.Module, dict[str, Tensor]], tuple[Tensor, Callable | None]],
+    microbatches: Sequence[Any],
+    step_fn: Callable[[torch.nn.Module, Any], tuple[Tensor, Callable | None]],
     *,
     forward_only: bool,
+    shape: tuple[int, int] | None = None,
 ) -> list[Any]:
     """Run ``step_fn`` over ``microbatches`` with megatron's (pipelined) schedule.
 
-    ``step_fn(model, mb)`` returns ``(output, loss_fn)`` like a megatron forward step. Each
-    microbatch holds ``input_ids`` [b, s]; all have the same shape (the schedule's P2P buffers are
-    sized from the first). Returns what the last stage's loss functions returned (or the raw
-    outputs when ``loss_fn`` is None); other stages get an empty list.
+    ``step_fn(model, mb)`` returns ``(output, loss_fn)`` like a megatron forward step; the
+    ``loss_fn``'s second return value is collected. ``shape`` = (micro batch size, sequence length)
+    sizes the pipeline's P2P buffers when the model's config does not set ``variable_seq_lengths``
+    (default: from ``mb.input_ids`` of the first micro-batch). Returns what the last stage's loss
+    functions returned (or the raw outputs when ``loss_fn`` is None); other stages get [].
     """
-    first = microbatches[0]["input_ids"]
-    it: Iterator[dict[str, Tensor]] = iter(microbatches)
+    if shape is None:
+        first = microbatches[0]["input_ids"] if isinstance(microbatches[0], dict) else microbatches[0].input_ids
+        shape = (first.shape[0], first.shape[1])
+    it: Iterator[Any] = iter(microbatches)
 
-    def forward_step(data_iterator: Iterator[dict[str, Tensor]], m: torch.nn.Module) -> tuple[Tensor, Callable | None]:
+    def forward_step(data_iterator: Iterator[Any], m: torch.nn.Module) -> tuple[Tensor, Callable | None]:
         return step_fn(m, next(data_iterator))
 
     return get_forward_backward_func()(
@@ -35,8 +39,8 @@ def run_schedule(
         data_iterator=it,
         model=[model],
         num_microbatches=len(microbatches),
-        seq_length=first.shape[1],
-        micro_batch_size=first.shape[0],
+        seq_length=shape[1],
+        micro_batch_size=shape[0],
         forward_only=forward_only,
     )
 

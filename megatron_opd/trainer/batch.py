@@ -1,0 +1,121 @@
+"""Rollout samples and how they become model inputs.
+
+A :class:`Sample` is one prompt + sampled response with everything the step learns about it
+(rollout log-probs, teacher/reference scores, the loss mask). Worker groups receive lists of
+samples for their data-parallel rank and cut them into :class:`MicroBatch`es under a token budget:
+right-padded ``[b, L]`` token ids (causal attention makes right padding invisible to real tokens,
+so no attention mask is needed) and the flat positions whose logits predict response tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+@dataclasses.dataclass
+class Sample:
+    uid: int  # position in the global batch
+    prompt_ids: list[int]
+    response_ids: list[int]
+    rollout_logprobs: list[float]
+    finish_reason: str = "stop"
+    teacher: str = "default"
+    data_source: str = ""
+    ground_truth: Any = None
+    reward: float = 0.0  # outcome reward (rule-based), for metrics and accuracy-filtered AOPD
+    loss_mask: Tensor | None = None  # [R] float; None = all response tokens
+    # Per response token, filled in by scoring:
+    old_logp: Tensor | None = None  # [R] student under the rollout weights (ℓ_old)
+    student_topk_ids: Tensor | None = None  # [R, K] student top-K (LSM student_topk support)
+    teacher_logp: Tensor | None = None  # [R] ℓ_T
+    teacher_topk_ids: Tensor | None = None  # [R, K]
+    teacher_topk_logp: Tensor | None = None  # [R, K]
+    teacher_ids_logp: Tensor | None = None  # [R, K] teacher log-probs at student_topk_ids
+    ref_logp: Tensor | None = None  # [R] ℓ_R
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.response_ids)
+
+    @property
+    def response_len(self) -> int:
+        return len(self.response_ids)
+
+    def mask(self) -> Tensor:
+        if self.loss_mask is None:
+            return torch.ones(self.response_len)
+        return self.loss_mask
+
+
+@dataclasses.dataclass
+class MicroBatch:
+    samples: list[Sample]
+    input_ids: Tensor  # [b, L] right-padded
+    positions: Tensor  # [N] flat indices into [b * L] of logits predicting response tokens
+    labels: Tensor  # [N] the response tokens
+    seq_index: Tensor  # [N] index into ``samples`` of each token
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.labels.numel())
+
+    def per_token(self, field: str) -> Tensor | None:
+        """Concatenate a per-response-token field of the samples, in token order (None if absent)."""
+        parts = [getattr(s, field) for s in self.samples]
+        if any(p is None for p in parts):
+            return None
+        return torch.cat([torch.as_tensor(p) for p in parts], dim=0)
+
+    def split_per_sample(self, tokens: Tensor) -> list[Tensor]:
+        """Inverse of :meth:`per_token`: one [R_i, ...] slice per sample."""
+        return list(tokens.split([s.response_len for s in self.samples], dim=0))
+
+
+def build_microbatch(samples: list[Sample], pad_id: int, multiple_of: int = 1) -> MicroBatch:
+    """Right-pad the samples to the longest one (rounded up to ``multiple_of``, e.g. the TP size
+    under sequence parallelism)."""
+    length = max(s.num_tokens for s in samples)
+    length = -(-length // multiple_of) * multiple_of
+    ids = torch.full((len(samples), length), pad_id, dtype=torch.long)
+    positions, labels, seq_index = [], [], []
+    for i, s in enumerate(samples):
+        tokens = s.prompt_ids + s.response_ids
+        ids[i, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+        p = len(s.prompt_ids)
+        # logits at position t predict token t + 1
+        positions.append(torch.arange(p - 1, p - 1 + s.response_len) + i * length)
+        labels.append(torch.tensor(s.response_ids, dtype=torch.long))
+        seq_index.append(torch.full((s.response_len,), i, dtype=torch.long))
+    return MicroBatch(samples, ids, torch.cat(positions), torch.cat(labels), torch.cat(seq_index))
+
+
+def split_by_token_budget(samples: list[Sample], max_tokens: int, multiple_of: int = 1) -> list[list[Sample]]:
+    """Greedy micro-batching: longest first, a micro-batch grows while ``b x L_padded <= max_tokens``.
+    A sample longer than the budget gets a micro-batch of its own."""
+    order = sorted(samples, key=lambda s: s.num_tokens, reverse=True)
+    groups: list[list[Sample]] = []
+    for s in order:
+        if groups:
+            cur = groups[-1]
+            length = -(-max(cur[0].num_tokens, s.num_tokens) // multiple_of) * multiple_of
+            if length * (len(cur) + 1) <= max_tokens:
+                cur.append(s)
+                continue
+        groups.append([s])
+    return groups
+
+
+def split_for_data_parallel(samples: list[Sample], dp_size: int) -> list[list[Sample]]:
+    """Balance samples over DP ranks by token count (longest-processing-time greedy), keeping
+    each rank's samples in uid order so results are reproducible."""
+    loads = [0] * dp_size
+    parts: list[list[Sample]] = [[] for _ in range(dp_size)]
+    for s in sorted(samples, key=lambda s: (-s.num_tokens, s.uid)):
+        r = min(range(dp_size), key=lambda i: (loads[i], len(parts[i]), i))
+        parts[r].append(s)
+        loads[r] += s.num_tokens
+    return [sorted(p, key=lambda s: s.uid) for p in parts]

@@ -1,0 +1,179 @@
+"""Training checkpoints: atomic, resumable, Megatron-LM layout.
+
+``RUN_DIR/checkpoints/`` holds ``iter_0000010/`` directories and
+``latest_checkpointed_iteration.txt``. A checkpoint is written into ``iter_0000010.tmp-<pid>/``
+(model + optimizer as a ``torch_dist`` checkpoint via ``megatron.core.dist_checkpointing`` from
+every student rank, per-rank RNG states, then ``trainer_state.json`` — step, LR schedule, data
+position — from the driver), marked complete (``COMPLETE``), and only then renamed into place and
+named in the tracker file. A directory without the marker (a run killed mid-save) is ignored with
+a warning and removed at the next save; the last ``keep_last`` complete checkpoints are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from megatron_opd.trainer.worker import ModelWorker
+
+log = logging.getLogger(__name__)
+
+TRACKER = "latest_checkpointed_iteration.txt"
+MARKER = "COMPLETE"
+STATE = "trainer_state.json"
+_ITER_RE = re.compile(r"^iter_(\d{7})$")
+
+
+def iter_dir_name(step: int) -> str:
+    return f"iter_{step:07d}"
+
+
+class CheckpointManager:
+    """Directory bookkeeping for one run's checkpoints (driver side)."""
+
+    def __init__(self, root: str | Path, keep_last: int) -> None:
+        self.root = Path(root)
+        self.keep_last = keep_last
+
+    def complete_steps(self) -> list[int]:
+        steps = []
+        if not self.root.is_dir():
+            return steps
+        for d in self.root.iterdir():
+            m = _ITER_RE.match(d.name)
+            if not m:
+                continue
+            if (d / MARKER).is_file():
+                steps.append(int(m.group(1)))
+            else:
+                log.warning("ignoring incomplete checkpoint %s (no %s marker)", d, MARKER)
+        return sorted(steps)
+
+    def latest(self) -> Path | None:
+        steps = self.complete_steps()
+        return self.root / iter_dir_name(steps[-1]) if steps else None
+
+    def begin(self, step: int) -> Path:
+        """A fresh temporary directory for the checkpoint of ``step`` (stale temporaries removed)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        for d in self.root.glob("iter_*.tmp-*"):
+            shutil.rmtree(d, ignore_errors=True)
+        tmp = self.root / f"{iter_dir_name(step)}.tmp-{os.getpid()}"
+        tmp.mkdir()
+        return tmp
+
+    def commit(self, tmp: Path, step: int, state: dict[str, Any]) -> Path:
+        """Write the driver state and the marker, rename into place, update the tracker, prune."""
+        _write_atomic(tmp / STATE, json.dumps(state, indent=1, sort_keys=True))
+        _write_atomic(tmp / MARKER, "")
+        _fsync_dir(tmp)
+        final = self.root / iter_dir_name(step)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _write_atomic(self.root / TRACKER, str(step))
+        _fsync_dir(self.root)
+        self.prune()
+        return final
+
+    def prune(self) -> None:
+        steps = self.complete_steps()
+        for step in steps[: max(0, len(steps) - self.keep_last)]:
+            shutil.rmtree(self.root / iter_dir_name(step), ignore_errors=True)
+
+    @staticmethod
+    def read_state(ckpt: Path) -> dict[str, Any]:
+        return json.loads((ckpt / STATE).read_text())
+
+
+def resolve_resume(resume: str, manager: CheckpointManager) -> Path | None:
+    """``auto``: the latest complete checkpoint of this run (None for a fresh run); ``never``: None;
+    a path: that checkpoint (an ``iter_*`` directory or a checkpoints root)."""
+    if resume == "never":
+        return None
+    if resume == "auto":
+        return manager.latest()
+    path = Path(resume)
+    if (path / MARKER).is_file():
+        return path
+    latest = CheckpointManager(path, keep_last=1 << 30).latest()
+    if latest is None:
+        raise FileNotFoundError(f"resume={resume!r}: no complete checkpoint there (missing {MARKER} marker)")
+    return latest
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ---- worker side: model + optimizer through dist_checkpointing ----
+
+
+def _sharded_state(worker: ModelWorker) -> dict[str, Any]:
+    from megatron_opd.convert.mcore_io import model_sharded_state_dict
+
+    model_sd = model_sharded_state_dict(worker._unwrapped())
+    return {"model": model_sd, "optimizer": worker.optimizer.sharded_state_dict(model_sd)}
+
+
+def _rng_state() -> dict[str, Any]:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    return {
+        "cpu": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": get_cuda_rng_tracker().get_states(),
+    }
+
+
+def save_training_state(worker: ModelWorker, path: str) -> None:
+    """Every student rank: its shards of model + optimizer, its RNG, and (rank 0) the LR schedule."""
+    from megatron.core import dist_checkpointing
+
+    dist_checkpointing.save(_sharded_state(worker), path)
+    rng_dir = Path(path) / "rng"
+    rng_dir.mkdir(exist_ok=True)
+    torch.save(_rng_state(), rng_dir / f"rank_{worker.rank:05d}.pt")
+    if worker.rank == 0:
+        torch.save({"scheduler": worker.scheduler.state_dict()}, Path(path) / "scheduler.pt")
+    torch.distributed.barrier()
+
+
+def load_training_state(worker: ModelWorker, path: str) -> None:
+    """Restore what :func:`save_training_state` wrote; the checkpoint may have been written at
+    another TP/PP/EP layout (dist_checkpointing reshards)."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    state = dist_checkpointing.load(_sharded_state(worker), path)
+    worker._unwrapped().load_state_dict(state["model"])
+    worker.optimizer.load_state_dict(state["optimizer"])
+    worker.scheduler.load_state_dict(torch.load(Path(path) / "scheduler.pt", weights_only=False)["scheduler"])
+    rng_file = Path(path) / "rng" / f"rank_{worker.rank:05d}.pt"
+    if rng_file.is_file():  # same world size: restore this rank's generators exactly
+        rng = torch.load(rng_file, weights_only=False)
+        torch.set_rng_state(rng["cpu"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+        get_cuda_rng_tracker().set_states(rng["tracker"])

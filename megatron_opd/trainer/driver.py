@@ -1,0 +1,469 @@
+"""The OPD driver: one controller that runs the whole loop, readable top to bottom.
+
+    prompts -> rollouts (engine) -> scores (student ℓ_old, teachers, references) -> objective +
+    optimizer step (student group) -> weight sync (engine) -> metrics, checkpoint, eval
+
+Everything heavy runs in worker groups (Ray actors, one torch.distributed world per model); the
+driver holds the data loader, the rollout engine client and the bookkeeping. ``run_training`` is
+the whole job; each phase is one function below it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import signal
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megatron_opd.config.loader import to_yaml
+from megatron_opd.config.schema import ModelConfig, OPDConfig, model_hf_dir
+from megatron_opd.rollout.base import RolloutEngine, SamplingParams
+from megatron_opd.trainer.batch import Sample, split_for_data_parallel
+from megatron_opd.trainer.checkpoint import CheckpointManager, resolve_resume
+from megatron_opd.trainer.metrics import MetricsLogger, summary_line
+from megatron_opd.trainer.worker import WorkerSpec
+from megatron_opd.trainer.worker_group import Placement, WorkerGroup, ensure_ray, make_placement_group
+
+log = logging.getLogger("megatron_opd.train")
+
+
+class NonFiniteScores(RuntimeError):
+    pass
+
+
+@dataclasses.dataclass
+class Groups:
+    student: WorkerGroup
+    teachers: dict[str, WorkerGroup]
+    references: dict[str, WorkerGroup]  # by teacher name, or "student_base" shared by all
+
+    def all(self) -> list[WorkerGroup]:
+        return [self.student, *self.teachers.values(), *self.references.values()]
+
+    def reference_for(self, teacher: str) -> WorkerGroup:
+        return self.references.get(teacher) or self.references["student_base"]
+
+
+class StopRequested:
+    """SIGTERM/SIGINT (e.g. ``scancel``) asks the loop to checkpoint and stop after this step."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        log.warning("signal %d: finishing this step, saving a checkpoint, then stopping", signum)
+
+    def __bool__(self) -> bool:
+        return self.signum is not None
+
+
+# ---------------------------------------------------------------- the job
+
+
+def run_training(cfg: OPDConfig) -> dict[str, Any]:
+    """``opd train``: validate, build everything, loop, summarize. Returns the summary dict."""
+    t_start = time.time()
+    cfg.validate()  # every config error before any process group or GPU is touched
+    from megatron_opd.data import PromptDataset, PromptLoader, check_tokenizers, load_tokenizer
+    from megatron_opd.objectives.registry import build_objective
+    from megatron_opd.rollout import build_engine
+
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    tokenizer = load_tokenizer(model_hf_dir(cfg.student.path))
+    teacher_names = [t.name for t in cfg.teachers]
+    check_tokenizers(
+        tokenizer,
+        {t.name: load_tokenizer(model_hf_dir(t.path)) for t in cfg.teachers},
+        allow_mismatch=cfg.data.allow_tokenizer_mismatch,
+    )
+    dataset = PromptDataset(cfg.data.train_files, tokenizer, cfg.data, teacher_names or None)
+    loader = PromptLoader(dataset, cfg.data.train_batch_size, cfg.data.seed, cfg.data.shuffle)
+    masked_ids = masked_token_ids(cfg, tokenizer)
+    objective = build_objective(
+        cfg.objective,
+        masked_token_ids=masked_ids,
+        ppo_clip=cfg.trainer.mini_batches_per_step > 1,
+        temperature=cfg.rollout.temperature,
+        teacher_names=teacher_names,
+    )
+    needs = objective.requirements
+    ckpts = CheckpointManager(run_dir / "checkpoints", cfg.trainer.keep_last)
+    resume_from = resolve_resume(cfg.resume, ckpts)
+
+    ensure_ray()
+    groups = build_groups(cfg, tokenizer, masked_ids, needs)
+    engine = build_engine(cfg.rollout, model_hf_dir(cfg.student.path), tokenizer=tokenizer)
+    metrics_log = MetricsLogger(run_dir, cfg.logging, json.loads(json.dumps(dataclasses.asdict(cfg), default=str)))
+    stop = StopRequested()
+    state: dict[str, Any] = {"step": 0, "eval_before": None, "bad_steps": 0}
+    try:
+        if resume_from is not None:
+            log.info("resuming from %s", resume_from)
+            groups.student.call("load_checkpoint", str(resume_from))
+            state = CheckpointManager.read_state(resume_from)
+            loader.load_state_dict(state["data"])
+            sync_weights(groups.student, engine)
+        evaluator = Evaluator(cfg, tokenizer)
+        if state["eval_before"] is None and cfg.trainer.eval_before and evaluator.enabled:
+            state["eval_before"] = evaluator.run(engine, run_dir / "eval" / "step_0")
+            log.info("eval before training: %s", state["eval_before"])
+        total = cfg.trainer.steps
+        progress = _progress(cfg, state["step"], total)
+        for step in range(state["step"] + 1, total + 1):
+            metrics = train_one_step(cfg, step, loader, engine, groups, needs, tokenizer)
+            if metrics.pop("skipped_nonfinite", False):
+                state["bad_steps"] += 1
+                if state["bad_steps"] > cfg.trainer.max_bad_steps:
+                    raise NonFiniteScores(
+                        f"{state['bad_steps']} steps had non-finite scores or losses "
+                        f"(trainer.max_bad_steps={cfg.trainer.max_bad_steps}); stopping"
+                    )
+            state["step"] = step
+            if cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0 and step < total and evaluator.enabled:
+                metrics.update(
+                    {f"eval/{k}": v for k, v in evaluator.run(engine, run_dir / "eval" / f"step_{step}").items()}
+                )
+            metrics_log.log(step, metrics)
+            progress.update(step, summary_line(step, total, metrics))
+            if (cfg.trainer.save_every and step % cfg.trainer.save_every == 0) or step == total or stop:
+                save_checkpoint(ckpts, groups.student, step, loader, state)
+            if stop:
+                break
+        progress.close()
+        summary = {
+            "steps": state["step"],
+            "eval_before": state["eval_before"],
+            "eval_after": evaluator.run(engine, run_dir / "eval" / "final") if evaluator.enabled else None,
+            "teacher_eval": evaluator.run_teachers(cfg) if evaluator.enabled and cfg.eval.teacher else None,
+            "wall_s": round(time.time() - t_start, 1),
+            "interrupted_by_signal": stop.signum,
+            "checkpoint": str(ckpts.latest()) if ckpts.latest() else None,
+        }
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        return summary
+    finally:
+        metrics_log.close()
+        engine.shutdown()
+        for g in groups.all():
+            g.shutdown()
+
+
+# ---------------------------------------------------------------- setup
+
+
+def masked_token_ids(cfg: OPDConfig, tokenizer: Any) -> tuple[int, ...]:
+    """OBJECTIVES §4 special-token masking: configured ids, or the tokenizer's special/added
+    tokens except the EOS the student must emit."""
+    if not cfg.objective.special_token_mask:
+        return ()
+    if cfg.objective.masked_token_ids is not None:
+        return tuple(cfg.objective.masked_token_ids)
+    from megatron_opd.objectives.lsm import special_token_ids
+
+    return tuple(special_token_ids(tokenizer))
+
+
+def build_groups(cfg: OPDConfig, tokenizer: Any, masked_ids: tuple[int, ...], needs: Any) -> Groups:
+    """Student, teachers and the references the objective needs, each its own worker group."""
+    common = dict(
+        seed=cfg.seed,
+        timeout_s=cfg.trainer.group_timeout_s,
+        max_tokens_per_microbatch=cfg.trainer.max_tokens_per_microbatch,
+        pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        temperature=cfg.rollout.temperature,
+    )
+    specs: list[WorkerSpec] = [
+        WorkerSpec(
+            group="student",
+            model=cfg.student,
+            load_from=cfg.student.path,
+            trainable=True,
+            optim=cfg.optim,
+            objective=cfg.objective,
+            total_steps=cfg.trainer.steps,
+            mini_batches_per_step=cfg.trainer.mini_batches_per_step,
+            masked_token_ids=masked_ids,
+            teacher_names=tuple(t.name for t in cfg.teachers),
+            **common,
+        )
+    ]
+    for t in cfg.teachers:
+        specs.append(WorkerSpec(group=f"teacher/{t.name}", model=t, load_from=t.path, **common))
+    if needs.reference == "student_base":
+        ref = dataclasses.replace(cfg.student, parallel=dataclasses.replace(cfg.student.parallel))
+        specs.append(WorkerSpec(group="reference/student_base", model=ref, load_from=cfg.student.path, **common))
+    elif needs.reference == "teacher_base":
+        for t in cfg.teachers:
+            base = ModelConfig(t.base_path or "", t.base_parallel or t.parallel, t.dtype, t.spec)
+            specs.append(WorkerSpec(group=f"reference/{t.name}", model=base, load_from=base.path, **common))
+    placements = place(cfg, specs)
+    made = [WorkerGroup(s, p, cfg.trainer.group_timeout_s) for s, p in zip(specs, placements)]
+    by_name = {g.name: g for g in made}
+    return Groups(
+        student=by_name["student"],
+        teachers={t.name: by_name[f"teacher/{t.name}"] for t in cfg.teachers},
+        references={name.split("/", 1)[1]: g for name, g in by_name.items() if name.startswith("reference/")},
+    )
+
+
+def place(cfg: OPDConfig, specs: list[WorkerSpec]) -> list[Placement]:
+    """Colocated: every group starts at GPU 0 and shares GPUs; separate: consecutive GPU ranges."""
+    sizes = [s.model.parallel.world_size for s in specs]
+    total = max(sizes) if cfg.trainer.colocate else sum(sizes)
+    pg = make_placement_group(total if torch.cuda.is_available() or _cluster_has_gpus() else 0)
+    if cfg.trainer.colocate:
+        return [Placement(pg, 0, len(specs)) for _ in specs]
+    offsets = [sum(sizes[:i]) for i in range(len(specs))]
+    return [Placement(pg, o, 1) for o in offsets]
+
+
+def _cluster_has_gpus() -> bool:
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+# ---------------------------------------------------------------- one step
+
+
+def train_one_step(
+    cfg: OPDConfig,
+    step: int,
+    loader: Any,
+    engine: RolloutEngine,
+    groups: Groups,
+    needs: Any,
+    tokenizer: Any,
+) -> dict[str, Any]:
+    timer = PhaseTimer()
+    with timer("rollout"):
+        prompts = loader.next_batch()
+        samples = rollout(cfg, step, prompts, engine, tokenizer)
+    with timer("score"):
+        score(cfg, samples, groups, needs)
+    metrics = rollout_metrics(samples)
+    if not scores_finite(samples):
+        log.warning("step %d: non-finite teacher/reference scores; skipping the update", step)
+        metrics.update(timer.metrics(), skipped_nonfinite=True)
+        return metrics
+    with timer("train"):
+        parts = split_for_data_parallel(samples, groups.student.dp_size)
+        train_metrics = groups.student.call_per_dp("train_step", parts)[0]
+    with timer("sync"):
+        sync_weights(groups.student, engine)
+    metrics.update(train_metrics)
+    metrics.update(timer.metrics())
+    tokens = sum(s.num_tokens for s in samples)
+    metrics["perf/tokens_per_s"] = tokens / max(timer.total, 1e-9)
+    metrics["perf/tokens"] = float(tokens)
+    if not math.isfinite(train_metrics.get("train/loss", 0.0)) or train_metrics.get("train/skipped_updates", 0):
+        metrics["skipped_nonfinite"] = True
+    return metrics
+
+
+def rollout(cfg: OPDConfig, step: int, prompts: list[Any], engine: RolloutEngine, tokenizer: Any) -> list[Sample]:
+    """``rollout.n`` samples per prompt from the engine; outcome rewards for metrics (and AOPD's
+    accuracy filter)."""
+    from megatron_opd.rewards import compute_score
+
+    r = cfg.rollout
+    stop_ids = tuple(dict.fromkeys([*r.stop_token_ids, tokenizer.eos_token_id]))
+    sampling = SamplingParams(
+        temperature=r.temperature,
+        top_p=r.top_p,
+        top_k=r.top_k,
+        max_new_tokens=r.max_new_tokens,
+        stop_token_ids=stop_ids,
+        seed=cfg.seed * 1_000_003 + step,
+    )
+    expanded = [p for p in prompts for _ in range(r.n)]
+    completions = engine.generate([p.prompt_ids for p in expanded], sampling)
+    default_teacher = cfg.teachers[0].name if len(cfg.teachers) == 1 else None
+    samples = []
+    for uid, (p, c) in enumerate(zip(expanded, completions)):
+        text = tokenizer.decode(c.token_ids, skip_special_tokens=True)
+        samples.append(
+            Sample(
+                uid=uid,
+                prompt_ids=list(p.prompt_ids),
+                response_ids=list(c.token_ids),
+                rollout_logprobs=list(c.logprobs),
+                finish_reason=c.finish_reason,
+                teacher=p.teacher or default_teacher or "",
+                data_source=p.data_source,
+                ground_truth=p.ground_truth,
+                reward=float(compute_score(p.data_source, text, p.ground_truth, p.extra_info)),
+            )
+        )
+    return samples
+
+
+def _score_group(group: WorkerGroup, samples: list[Sample], **kwargs: Any) -> dict[int, dict[str, torch.Tensor]]:
+    if not samples:
+        return {}
+    merged: dict[int, dict[str, torch.Tensor]] = {}
+    for part in group.call_per_dp("score", split_for_data_parallel(samples, group.dp_size), **kwargs):
+        merged.update(part or {})
+    return merged
+
+
+def score(cfg: OPDConfig, samples: list[Sample], groups: Groups, needs: Any) -> None:
+    """Fill the per-token scores the objective asks for (nothing more):
+    ℓ_old and the student top-K (student group), ℓ_T and the teacher top-K or the teacher's
+    log-probs at the student top-K (each sample's own teacher), ℓ_R (its reference)."""
+    student_topk = needs.support == "student_topk"
+    if needs.old_logp or student_topk:
+        got = _score_group(groups.student, samples, top_k=needs.top_k if student_topk else 0)
+        for s in samples:
+            s.old_logp = got[s.uid]["logp"]
+            if student_topk:
+                s.student_topk_ids = got[s.uid]["topk_ids"]
+    by_teacher: dict[str, list[Sample]] = defaultdict(list)
+    for s in samples:
+        by_teacher[s.teacher].append(s)
+    for name, subset in by_teacher.items():
+        if name not in groups.teachers:
+            raise KeyError(f"sample routed to unknown teacher {name!r}; configured: {sorted(groups.teachers)}")
+        got = _score_group(
+            groups.teachers[name],
+            subset,
+            top_k=needs.top_k if needs.support == "teacher_topk" else 0,
+            ids_field="student_topk_ids" if student_topk else None,
+        )
+        for s in subset:
+            g = got[s.uid]
+            s.teacher_logp = g["logp"]
+            s.teacher_topk_ids, s.teacher_topk_logp = g.get("topk_ids"), g.get("topk_logp")
+            s.teacher_ids_logp = g.get("ids_logp")
+        if needs.reference is not None:
+            ref = groups.reference_for(name)
+            got_ref = _score_group(ref, subset)
+            for s in subset:
+                s.ref_logp = got_ref[s.uid]["logp"]
+
+
+def scores_finite(samples: list[Sample]) -> bool:
+    for s in samples:
+        for t in (s.teacher_logp, s.teacher_topk_logp, s.ref_logp, s.old_logp, s.teacher_ids_logp):
+            if t is not None and t.numel() and not torch.isfinite(t[t > float("-inf")]).all():
+                return False
+        if s.teacher_logp is not None and torch.isneginf(s.teacher_logp).any():
+            return False
+    return True
+
+
+def rollout_metrics(samples: list[Sample]) -> dict[str, float]:
+    n = max(len(samples), 1)
+    return {
+        "rollout/response_len": sum(s.response_len for s in samples) / n,
+        "rollout/truncated_frac": sum(s.finish_reason == "length" for s in samples) / n,
+        "rollout/reward": sum(s.reward for s in samples) / n,
+        "rollout/num_samples": float(len(samples)),
+    }
+
+
+def sync_weights(student: WorkerGroup, engine: RolloutEngine) -> None:
+    """Student weights (HF naming, gathered from all TP/PP/EP shards) into the rollout engine."""
+    tensors = student.call("export_hf_tensors")[0]
+    engine.update_weights(tensors)
+
+
+def save_checkpoint(ckpts: CheckpointManager, student: WorkerGroup, step: int, loader: Any, state: dict) -> None:
+    tmp = ckpts.begin(step)
+    student.call("save_checkpoint", str(tmp))
+    final = ckpts.commit(tmp, step, {**state, "step": step, "data": loader.state_dict()})
+    log.info("saved checkpoint %s", final)
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+class Evaluator:
+    """Held-out evaluation through the rollout engine (``megatron_opd.eval.evaluate``)."""
+
+    def __init__(self, cfg: OPDConfig, tokenizer: Any) -> None:
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.enabled = bool(cfg.eval.files)
+
+    def run(self, engine: RolloutEngine, out_dir: Path) -> float:
+        from megatron_opd.eval import evaluate
+
+        result = evaluate(engine, self.tokenizer, self.cfg.eval.files, self.cfg.eval, out_dir=out_dir)
+        return float(result["accuracy"])
+
+    def run_teachers(self, cfg: OPDConfig) -> dict[str, float] | float:
+        from megatron_opd.rollout import build_engine
+
+        scores = {}
+        for t in cfg.teachers:
+            engine = build_engine(cfg.rollout, model_hf_dir(t.path), tokenizer=self.tokenizer)
+            try:
+                scores[t.name] = self.run(engine, Path(cfg.run_dir) / "eval" / f"teacher_{t.name}")
+            finally:
+                engine.shutdown()
+        return next(iter(scores.values())) if len(scores) == 1 else scores
+
+
+# ---------------------------------------------------------------- small helpers
+
+
+class PhaseTimer:
+    def __init__(self) -> None:
+        self.times: dict[str, float] = {}
+
+    def __call__(self, name: str) -> Any:
+        timer = self
+
+        class _Ctx:
+            def __enter__(self) -> None:
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, *exc: Any) -> None:
+                timer.times[name] = timer.times.get(name, 0.0) + time.perf_counter() - self.t0
+
+        return _Ctx()
+
+    @property
+    def total(self) -> float:
+        return sum(self.times.values())
+
+    def metrics(self) -> dict[str, float]:
+        return {f"time/{k}_s": v for k, v in self.times.items()} | {"time/step_s": self.total}
+
+
+class _Progress:
+    def __init__(self, enabled: bool, start: int, total: int) -> None:
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, desc="opd train", unit="step", dynamic_ncols=True)
+
+    def update(self, step: int, line: str) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.write(line)
+        else:
+            print(line, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _progress(cfg: OPDConfig, start: int, total: int) -> _Progress:
+    return _Progress(cfg.logging.progress_bar, start, total)

@@ -42,6 +42,8 @@ def make_case(
             ids[3, 1] = ids[3, 0]  # duplicate support entry
         if k > 2 and n > 2:
             ids[2, 2] = -1  # padded support entry
+        if k < v and n > 4 and labels[4] >= 0:
+            ids[4, 0] = labels[4]  # the sampled token inside the support
     return logits, labels, ids
 
 
@@ -99,27 +101,26 @@ def assert_close_grad(grad, ref_grad, dtype: torch.dtype) -> None:
     torch.testing.assert_close(grad.double(), ref_grad, atol=tol, rtol=1e-2 if dtype != torch.float32 else 1e-4)
 
 
-def tp_worker(logits, labels, ids, temperature: float, k: int, splits: list[int] | None) -> bytes:
-    """One TP rank: its shard's outputs, gradient and global top-k (even split, or ``splits`` widths), serialized
-    (tensors sent through the result queue would be shared by file descriptor with a process that has exited)."""
+def tp_worker(cases: list[tuple]) -> bytes:
+    """One TP rank, for each ``(backend, logits, labels, ids, temperature, k, splits)``: its shard's outputs,
+    gradient and global top-k (even split, or ``splits`` widths). Serialized: tensors sent through the result
+    queue would be shared by file descriptor with a process that has exited."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    v = logits.shape[1]
-    widths = splits or [v // world] * world
-    start = sum(widths[:rank])
-    shard = logits[:, start : start + widths[rank]].contiguous()
-    kw = dict(tp_group=dist.group.WORLD, vocab_start=start if splits else None)
-    out, grad = ours_with_grad(shard, labels, ids, temperature, **kw)
-    top = topk_logprobs(shard, k, temperature=temperature, **kw)
-    result = {
-        "out": [None if t is None else t.detach() for t in out],
-        "grad": grad,
-        "topk": top,
-        "backend": os.environ.get("OPD_KERNELS", ""),
-    }
+    results = []
+    for backend, logits, labels, ids, temperature, k, splits in cases:
+        os.environ["OPD_KERNELS"] = backend
+        v = logits.shape[1]
+        widths = splits or [v // world] * world
+        start = sum(widths[:rank])
+        shard = logits[:, start : start + widths[rank]].contiguous()
+        kw = dict(tp_group=dist.group.WORLD, vocab_start=start if splits else None)
+        out, grad = ours_with_grad(shard, labels, ids, temperature, **kw)
+        top = topk_logprobs(shard, k, temperature=temperature, **kw)
+        results.append({"out": [None if t is None else t.detach() for t in out], "grad": grad, "topk": top})
     buf = io.BytesIO()
-    torch.save(result, buf)
+    torch.save(results, buf)
     return buf.getvalue()
 
 
-def load_result(payload: bytes) -> dict:
+def load_result(payload: bytes) -> list[dict]:
     return torch.load(io.BytesIO(payload))

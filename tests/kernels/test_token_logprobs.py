@@ -15,12 +15,14 @@ from kernel_cases import (
 from megatron_opd.config.errors import ConfigError
 from megatron_opd.kernels import token_logprobs
 
-BACKENDS = ["torch"]
+BACKENDS = ["torch", "triton"]
 
 
 @pytest.fixture(params=BACKENDS)
 def backend(request, monkeypatch) -> str:
+    """Forces the backend; Triton runs in the interpreter with 16-wide tiles (several tiles and a ragged one)."""
     monkeypatch.setenv("OPD_KERNELS", request.param)
+    monkeypatch.setenv("OPD_TRITON_BLOCK_V", "16")
     return request.param
 
 

@@ -169,10 +169,16 @@ def _reference_outputs(reference: str, fn_name: str, inputs_json: str, limits: S
     return outputs
 
 
+def expected_outputs(tests: CallTests, limits: SandboxLimits) -> dict[str, list]:
+    """The expected return values by group: given, or the reference's (run once per problem and
+    cached). ``CodeTestsError`` when the reference fails on an input."""
+    if tests.expected is not None:
+        return tests.expected
+    return _reference_outputs(tests.reference or "", tests.fn_name, json.dumps(tests.inputs), limits)
+
+
 def _check_calls(code: str, tests: CallTests, limits: SandboxLimits) -> CodeResult:
-    expected = tests.expected
-    if expected is None:
-        expected = _reference_outputs(tests.reference or "", tests.fn_name, json.dumps(tests.inputs), limits)
+    expected = expected_outputs(tests, limits)
     flat = _flat(tests.inputs)
     run = run_calls(code, tests.fn_name, [args for _, _, args in flat], limits)
     groups = {group: True for group in tests.inputs}
@@ -205,8 +211,8 @@ def check_code(response: str, ground_truth: str | dict, limits: SandboxLimits | 
         groups = dict.fromkeys(tests.inputs if isinstance(tests, CallTests) else ("tests",), False)
         return CodeResult(False, "no_code", groups, "no ```python block in the response")
     if isinstance(tests, StdioTests):
-        return _check_stdio(code, tests, limits)
-    return _check_calls(code, tests, limits)
+        return _check_stdio(tests.prelude + code, tests, limits)
+    return _check_calls(tests.prelude + code, tests, limits)
 
 
 def score_code(response: str, ground_truth: str | dict, limits: SandboxLimits | None = None) -> float:

@@ -31,11 +31,27 @@ class CodeTestsError(ValueError):
     """A ground truth that is not a usable test set; the message names the field and the fix."""
 
 
+# LiveCodeBench's and APPS' graders run every program after star-imports of these standard modules
+# (``typing`` included, so ``List[int]`` in a LeetCode signature needs no import) and a higher
+# recursion limit; solutions written for those benchmarks rely on it.
+_PRELUDE_MODULES = (
+    "string", "re", "datetime", "collections", "heapq", "bisect", "copy", "math", "random", "statistics",
+    "itertools", "functools", "operator", "io", "sys", "json",
+)  # fmt: skip
+COMPETITIVE_PRELUDE = (
+    "".join(f"from {m} import *\n" for m in (*_PRELUDE_MODULES, "builtins", "typing"))
+    + "".join(f"import {m}\n" for m in _PRELUDE_MODULES)
+    + "sys.setrecursionlimit(50000)\n"
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class StdioTests:
-    """Programs reading stdin, judged on their stdout: ``cases`` of (stdin, expected stdout)."""
+    """Programs reading stdin, judged on their stdout: ``cases`` of (stdin, expected stdout).
+    ``prelude``: code run before the program (``COMPETITIVE_PRELUDE`` or nothing)."""
 
     cases: tuple[tuple[str, str], ...]
+    prelude: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +61,7 @@ class CallTests:
     ``inputs``: group name -> argument lists, groups in test order. ``expected``: group name ->
     return values, or None to take them from running ``reference``. ``json_outputs``: the expected
     values came from JSON, so a returned tuple compares as a list; ``singleton_outputs``: APPS'
-    convention where ``[x]`` also accepts a returned ``x``.
+    convention where ``[x]`` also accepts a returned ``x``. ``prelude``: as for ``StdioTests``.
     """
 
     fn_name: str
@@ -55,6 +71,7 @@ class CallTests:
     atol: float = 0.0
     json_outputs: bool = False
     singleton_outputs: bool = False
+    prelude: str = ""
 
 
 _EVALPLUS_KEYS = ("entry_point", "canonical_solution", "base_input")
@@ -155,7 +172,7 @@ def _livecodebench(spec: dict) -> StdioTests | CallTests:
         raise CodeTestsError("reward_model.ground_truth: no LiveCodeBench test cases (public and private are empty).")
     types = {c.get("testtype", "stdin") for c in cases}
     if types == {"stdin"}:
-        return StdioTests(tuple((c["input"], c["output"]) for c in cases))
+        return StdioTests(tuple((c["input"], c["output"]) for c in cases), COMPETITIVE_PRELUDE)
     if types != {"functional"}:
         raise CodeTestsError(
             f"reward_model.ground_truth: testtype {sorted(types)}: use all 'stdin' or all 'functional' in one problem."
@@ -179,7 +196,9 @@ def _livecodebench(spec: dict) -> StdioTests | CallTests:
             f"reward_model.ground_truth: a functional test's input or output is not JSON ({e}); "
             "functional tests give one JSON argument per line."
         ) from e
-    return CallTests(fn_name, {"tests": inputs}, expected={"tests": expected}, json_outputs=True)
+    return CallTests(
+        fn_name, {"tests": inputs}, expected={"tests": expected}, json_outputs=True, prelude=COMPETITIVE_PRELUDE
+    )
 
 
 def _apps(spec: dict) -> StdioTests | CallTests:
@@ -194,7 +213,12 @@ def _apps(spec: dict) -> StdioTests | CallTests:
     if fn_name:
         args = _argument_lists(inputs, "inputs")
         return CallTests(
-            fn_name, {"tests": args}, expected={"tests": outputs}, json_outputs=True, singleton_outputs=True
+            fn_name,
+            {"tests": args},
+            expected={"tests": outputs},
+            json_outputs=True,
+            singleton_outputs=True,
+            prelude=COMPETITIVE_PRELUDE,
         )
     lines = [("\n".join(map(str, v)) if isinstance(v, list) else str(v)) for v in (*inputs, *outputs)]
-    return StdioTests(tuple(zip(lines[: len(inputs)], lines[len(inputs) :])))
+    return StdioTests(tuple(zip(lines[: len(inputs)], lines[len(inputs) :])), COMPETITIVE_PRELUDE)

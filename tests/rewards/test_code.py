@@ -10,7 +10,7 @@ import zlib
 import pytest
 
 from megatron_opd.rewards.code import check_code, extract_code, score_code, stdout_matches, values_equal
-from megatron_opd.rewards.code_tests import CallTests, CodeTestsError, StdioTests, parse_tests
+from megatron_opd.rewards.code_tests import COMPETITIVE_PRELUDE, CallTests, CodeTestsError, StdioTests, parse_tests
 from megatron_opd.rewards.sandbox import SandboxLimits
 
 FAST = SandboxLimits(timeout_s=1.0, total_timeout_s=4.0, memory_mb=512)
@@ -80,13 +80,14 @@ def test_parse_layouts() -> None:
     evalplus = parse_tests(json.dumps(EVALPLUS))
     assert isinstance(evalplus, CallTests) and list(evalplus.inputs) == ["base", "plus"]
     assert evalplus.expected is None and evalplus.reference == EVALPLUS["canonical_solution"]
+    assert evalplus.prelude == ""  # EvalPlus runs the code as written
     stdin = parse_tests(LCB_STDIN)
-    assert stdin == StdioTests((("3\n1 2 3\n", "6\n"), ("2\n-5 5\n", "0\n")))
+    assert stdin == StdioTests((("3\n1 2 3\n", "6\n"), ("2\n-5 5\n", "0\n")), COMPETITIVE_PRELUDE)
     functional = parse_tests(LCB_FUNCTIONAL)
     assert isinstance(functional, CallTests)
     assert functional.inputs == {"tests": [[[1, 2], 3], [[], 1]]} and functional.expected == {"tests": [[4, 5], []]}
     apps = parse_tests({"inputs": ["1\n", ["2", "3"]], "outputs": ["1\n", "5\n"]})
-    assert apps == StdioTests((("1\n", "1\n"), ("2\n3", "5\n")))
+    assert apps == StdioTests((("1\n", "1\n"), ("2\n3", "5\n")), COMPETITIVE_PRELUDE)
     apps_call = parse_tests({"inputs": [[1, 2]], "outputs": [[3]], "fn_name": "add"})
     assert isinstance(apps_call, CallTests) and apps_call.singleton_outputs
 
@@ -175,6 +176,14 @@ def test_livecodebench_stdin_and_functional() -> None:
     method = "class Solution:\n    def addAll(self, nums, k):\n        return tuple(x + k for x in nums)"
     assert check_code(answer(method), LCB_FUNCTIONAL, FAST).passed  # a tuple matches a JSON list
     assert not check_code(answer(method.replace("x + k", "x")), LCB_FUNCTIONAL, FAST).passed
+
+
+def test_livecodebench_programs_get_the_standard_imports() -> None:
+    """LeetCode signatures use ``List`` and solutions use ``Counter``/``gcd`` without importing them."""
+    code = "class Solution:\n    def addAll(self, nums: List[int], k: int) -> List[int]:\n        return [x + k for x in nums]"
+    assert check_code(answer(code), LCB_FUNCTIONAL, FAST).passed
+    stdin = "input()\nprint(sum(Counter(map(int, input().split())).elements()) + gcd(0, 0))"
+    assert check_code(answer(stdin), LCB_STDIN, FAST).passed
 
 
 def test_apps_call_accepts_the_singleton_convention() -> None:

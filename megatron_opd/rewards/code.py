@@ -195,7 +195,8 @@ def _check_calls(code: str, tests: CallTests, limits: SandboxLimits) -> CodeResu
                     failure = ("wrong_answer", f"expected {expected[group][i]!r:.200}, got {value!r:.200}")
         if failure:
             groups[group] = False
-            first = first or (failure[0], f"{group} test {i}: {failure[1]}")
+            where = f"test {i}" if group == "tests" else f"{group} test {i}"
+            first = first or (failure[0], f"{where}: {failure[1]}")
     if first is None:
         return CodeResult(True, "passed", groups)
     return CodeResult(False, first[0], groups, first[1])

@@ -1,0 +1,50 @@
+"""pass@k against its definition (enumerating every k-subset), k values, length statistics."""
+
+from __future__ import annotations
+
+import itertools
+from fractions import Fraction
+
+import pytest
+
+from megatron_opd.eval.metrics import k_values, length_stats, pass_at_k
+
+
+def pass_at_k_by_enumeration(n: int, c: int, k: int) -> Fraction:
+    """The share of the k-subsets of n samples (the first c correct) that hold a correct one."""
+    subsets = list(itertools.combinations(range(n), k))
+    return Fraction(sum(any(i < c for i in s) for s in subsets), len(subsets))
+
+
+@pytest.mark.parametrize("n", range(1, 9))
+def test_pass_at_k_equals_subset_enumeration(n: int) -> None:
+    for c in range(n + 1):
+        for k in range(1, n + 1):
+            assert pass_at_k(n, c, k) == pytest.approx(float(pass_at_k_by_enumeration(n, c, k)), abs=1e-12)
+
+
+def test_pass_at_k_special_cases() -> None:
+    assert pass_at_k(32, 8, 1) == pytest.approx(8 / 32)  # pass@1 is the mean accuracy
+    assert pass_at_k(32, 0, 32) == 0.0
+    assert pass_at_k(32, 1, 32) == 1.0
+    assert pass_at_k(1000, 1, 10) == pytest.approx(10 / 1000)  # large n stays exact (no huge binomials)
+
+
+@pytest.mark.parametrize(("n", "c", "k"), [(4, 5, 1), (4, -1, 1), (4, 2, 0), (4, 2, 5)])
+def test_pass_at_k_rejects_impossible_arguments(n: int, c: int, k: int) -> None:
+    with pytest.raises(ValueError, match="need 0 <= c <= n and 1 <= k <= n"):
+        pass_at_k(n, c, k)
+
+
+def test_k_values() -> None:
+    assert k_values(1) == [1]
+    assert k_values(4) == [1, 2, 4]
+    assert k_values(6) == [1, 2, 4, 6]
+    assert k_values(32) == [1, 2, 4, 8, 16, 32]
+    with pytest.raises(ValueError):
+        k_values(0)
+
+
+def test_length_stats() -> None:
+    assert length_stats([1, 2, 3, 10]) == {"mean": 4.0, "std": pytest.approx(3.5355, abs=1e-4), "min": 1.0,
+                                           "median": 2.5, "max": 10.0}  # fmt: skip

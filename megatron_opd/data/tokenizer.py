@@ -17,6 +17,8 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 _SHOWN = 5  # mismatching tokens quoted in an error message
+# a directory without any of these has no tokenizer (transformers would build an empty one from config.json)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
 
 class TokenizerError(ValueError):
@@ -30,6 +32,11 @@ def load_tokenizer(model_dir: str | Path) -> Any:
     path = Path(model_dir)
     if not path.is_dir():
         raise TokenizerError(f"{path}: tokenizer directory not found; give a local Hugging Face model directory.")
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise TokenizerError(
+            f"{path}: no tokenizer files ({', '.join(TOKENIZER_FILES)}). Fix: copy the tokenizer of the "
+            "original model next to config.json."
+        )
     try:
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as e:

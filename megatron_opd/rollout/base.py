@@ -1,12 +1,36 @@
-"""The rollout engine protocol: what the trainer and the evaluator ask of any engine."""
+"""The rollout engine protocol: what the trainer and the evaluator ask of any engine.
+
+Semantics shared by every engine (they are SGLang's):
+
+- ``temperature == 0`` is greedy decoding; the returned log-probs are then those of the plain
+  softmax (temperature 1).
+- ``Completion.logprobs[i]`` is ``log_softmax(logits / temperature)[token_ids[i]]``, computed
+  BEFORE top-k / top-p truncation: the log-prob SGLang's ``/generate`` returns as
+  ``output_token_logprobs`` (it is not the log-prob under the renormalized nucleus).
+- The completion includes the stop token (EOS or a stop id) that ended it.
+- Seeds: row ``i`` of a ``generate`` call samples with seed ``sampling.seed + i``; with
+  ``seed=None`` each engine draws per-row seeds from its own generator (seeded at construction).
+  A row's tokens therefore do not depend on how the engine batches or which server it lands on.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
+import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from megatron_opd.rollout.config import RolloutConfig
+
+FINISH_REASONS = ("stop", "length", "abort")
+MAX_SEED = 2**62  # seeds stay well inside int64 after adding a row index
+
+
+class RolloutError(RuntimeError):
+    """A rollout that could not be produced (after retries), with what failed and the fix."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,6 +43,37 @@ class SamplingParams:
     max_new_tokens: int = 512
     stop_token_ids: tuple[int, ...] = ()
     seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature={self.temperature} must be >= 0 (0 is greedy).")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p={self.top_p} must lie in (0, 1].")
+        if self.top_k != -1 and self.top_k < 1:
+            raise ValueError(f"top_k={self.top_k} must be -1 (off) or >= 1.")
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 0.")
+
+    @classmethod
+    def from_config(cls, cfg: RolloutConfig, seed: int | None = None, **overrides: object) -> SamplingParams:
+        """The rollout config's sampling parameters (``overrides`` replace fields, e.g. for evaluation)."""
+        fields: dict[str, object] = dict(
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            top_k=cfg.top_k,
+            max_new_tokens=cfg.max_new_tokens,
+            stop_token_ids=tuple(cfg.stop_token_ids),
+            seed=seed,
+        )
+        fields.update(overrides)
+        return cls(**fields)  # type: ignore[arg-type]
+
+
+def row_seeds(sampling: SamplingParams, n: int, rng: np.random.Generator) -> list[int]:
+    """The per-row seeds of a ``generate`` call of ``n`` rows (see the module docstring)."""
+    if sampling.seed is not None:
+        return [(sampling.seed + i) % MAX_SEED for i in range(n)]
+    return [int(s) for s in rng.integers(0, MAX_SEED, size=n)]
 
 
 @dataclasses.dataclass

@@ -1,4 +1,4 @@
-"""``rollout:`` section of the run config: which engine serves the student's samples, how."""
+"""``rollout:`` section of the run config: which engine serves the student's samples, and how."""
 
 from __future__ import annotations
 
@@ -9,37 +9,85 @@ from megatron_opd.config.errors import ConfigError, check_choice, check_positive
 
 @dataclasses.dataclass
 class SGLangConfig:
+    """SGLang servers: attached (``urls``) or launched by the project on this node's GPUs."""
+
     urls: list[str] = dataclasses.field(default_factory=list)  # attach to running servers
-    num_servers: int = 1  # launched by the project when urls is empty
+    num_servers: int = 1  # launched when urls is empty; server i uses GPUs base_gpu_id + i*tp*dp ...
     tp_size: int = 1
     dp_size: int = 1
     mem_fraction_static: float = 0.7
-    base_port: int = 30000
-    extra_args: list[str] = dataclasses.field(default_factory=list)
-    log_dir: str | None = None
-    weight_sync: str = "disk"  # disk | distributed
+    host: str = "127.0.0.1"
+    base_port: int = 30000  # first HTTP port tried; taken ports are skipped
+    base_gpu_id: int = 0
+    extra_args: list[str] = dataclasses.field(default_factory=list)  # appended to sglang.launch_server
+    log_dir: str | None = None  # server logs (default: a temporary directory, printed at launch)
     startup_timeout_s: float = 900.0
+    concurrency_per_server: int = 4  # HTTP requests in flight per server (each of rollout.batch_size prompts)
+    weight_sync: str = "disk"  # disk | distributed
+    weight_sync_dir: str | None = None  # disk: where the HF safetensors go (shared FS for remote servers)
+    weight_sync_backend: str = "nccl"  # distributed: process-group backend (gloo for CPU tests)
+    weight_sync_master_addr: str = "127.0.0.1"  # distributed: address of the trainer rank that broadcasts
+    weight_sync_master_port: int = 0  # 0: a free port
+
+
+@dataclasses.dataclass
+class VLLMConfig:
+    """In-process ``vllm.LLM`` (GPU only)."""
+
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.6
+    max_model_len: int | None = None
+    enforce_eager: bool = False
 
 
 @dataclasses.dataclass
 class RolloutConfig:
     engine: str = "hf"  # hf | sglang | vllm
     n: int = 1  # samples per prompt
-    temperature: float = 1.0
+    temperature: float = 1.0  # 0: greedy
     top_p: float = 1.0
-    top_k: int = -1
+    top_k: int = -1  # -1: no top-k
     max_new_tokens: int = 512
-    stop_token_ids: list[int] = dataclasses.field(default_factory=list)
-    request_timeout_s: float = 600.0
-    max_retries: int = 3
-    batch_size: int = 64  # sequences per engine call (hf) or in flight per server (sglang)
+    stop_token_ids: list[int] = dataclasses.field(default_factory=list)  # besides the model's EOS
+    seed: int = 1  # per-sequence sampling seeds are drawn from it
+    batch_size: int = 64  # sequences per forward batch (hf) or per HTTP request (sglang)
+    dtype: str = "auto"  # hf: auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
+    device: str = "auto"  # hf: auto | cpu | cuda | cuda:N
+    request_timeout_s: float = 600.0  # sglang: one HTTP request, connect to last byte
+    max_retries: int = 3  # sglang: re-sends of a failed request (to another server when one is up)
+    retry_backoff_s: float = 1.0  # sglang: first wait before a re-send, doubled each time
+    weight_sync_bucket_mb: int = 1024  # sglang distributed / vllm: tensors sent per call
     sglang: SGLangConfig = dataclasses.field(default_factory=SGLangConfig)
+    vllm: VLLMConfig = dataclasses.field(default_factory=VLLMConfig)
 
     def validate(self) -> None:
         check_choice("rollout.engine", self.engine, ("hf", "sglang", "vllm"))
         check_positive("rollout.n", self.n)
-        check_positive("rollout.temperature", self.temperature)
+        check_positive("rollout.temperature", self.temperature, allow_zero=True)
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError("rollout.top_p", self.top_p, "must lie in (0, 1].", "LSM paper uses 0.9; 1.0 disables.")
+        if self.top_k != -1 and self.top_k < 1:
+            raise ConfigError("rollout.top_k", self.top_k, "must be -1 (off) or >= 1.", "set rollout.top_k=-1.")
         check_positive("rollout.max_new_tokens", self.max_new_tokens)
-        check_choice("rollout.sglang.weight_sync", self.sglang.weight_sync, ("disk", "distributed"))
+        check_positive("rollout.batch_size", self.batch_size)
+        check_positive("rollout.request_timeout_s", self.request_timeout_s)
+        check_positive("rollout.max_retries", self.max_retries, allow_zero=True)
+        check_positive("rollout.retry_backoff_s", self.retry_backoff_s, allow_zero=True)
+        check_choice("rollout.dtype", self.dtype, ("auto", "bf16", "fp16", "fp32"))
+        s = self.sglang
+        check_choice("rollout.sglang.weight_sync", s.weight_sync, ("disk", "distributed"))
+        check_choice("rollout.sglang.weight_sync_backend", s.weight_sync_backend, ("nccl", "gloo"))
+        check_positive("rollout.weight_sync_bucket_mb", self.weight_sync_bucket_mb)
+        for key in ("num_servers", "tp_size", "dp_size", "concurrency_per_server"):
+            check_positive(f"rollout.sglang.{key}", getattr(s, key))
+        if not 0.0 < s.mem_fraction_static < 1.0:
+            raise ConfigError(
+                "rollout.sglang.mem_fraction_static",
+                s.mem_fraction_static,
+                "must lie in (0, 1).",
+                "leave room for the trainer when colocated, e.g. 0.5.",
+            )
+        bad = [u for u in s.urls if not u.startswith(("http://", "https://"))]
+        if bad:
+            raise ConfigError("rollout.sglang.urls", bad, "URLs need a scheme.", "write them as http://host:port.")
+        check_positive("rollout.vllm.tensor_parallel_size", self.vllm.tensor_parallel_size)

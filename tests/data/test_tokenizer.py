@@ -15,6 +15,9 @@ def test_load_tokenizer(char_tokenizer_dir: Path, tmp_path: Path) -> None:
     assert tok.eos_token == "<|im_end|>" and tok.decode(tok("ab c")["input_ids"]) == "ab c"
     with pytest.raises(TokenizerError, match="tokenizer directory not found"):
         load_tokenizer(tmp_path / "missing")
+    with pytest.raises(TokenizerError, match="no tokenizer files"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{not json")
     with pytest.raises(TokenizerError, match="no loadable tokenizer"):
         load_tokenizer(tmp_path)
 

@@ -1,0 +1,1 @@
+"""SGLang rollouts: servers launched or attached, the HTTP client, weight sync."""

@@ -1,0 +1,350 @@
+"""``SGLangEngine``: rollouts from SGLang servers (launched here or attached by URL) over HTTP.
+
+Dispatch. ``generate`` cuts the prompts into requests of ``rollout.batch_size`` prompts (token
+ids, one ``sampling_params`` with its own ``sampling_seed`` per prompt) and keeps up to
+``sglang.concurrency_per_server`` requests in flight per server, always sending the next request
+to the up server with the fewest in flight (ties: the one given the fewest so far).
+
+Failures. A connection error, a timeout (``rollout.request_timeout_s``), a 5xx/408/429 answer or
+a garbled body marks the server down, records a :class:`ServerFailure` (logged, and kept in
+``engine.failures``) and re-sends the request to another server after a backoff
+(``retry_backoff_s``, doubling), at most ``max_retries`` times per request. When no server is up,
+down servers are probed with ``GET /health`` and revived if they answer; otherwise, or when a
+request has used its retries, ``generate`` raises :class:`RolloutError` naming every failed server.
+A 4xx answer is the request's fault and raises at once. Down servers are probed again at the start
+of each ``generate``. Nothing waits without a timeout.
+
+Weights. ``update_weights`` writes HF safetensors and calls ``/update_weights_from_disk`` on every
+server (``sglang.weight_sync=disk``), or broadcasts over a process group announced with
+``/init_weights_update_group`` + ``/update_weights_from_distributed`` (``distributed``). A server
+that misses an update is retired for good (it would serve stale weights).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Iterable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import requests
+import torch
+
+from megatron_opd.rollout.base import Completion, RolloutError, SamplingParams, row_seeds
+from megatron_opd.rollout.config import RolloutConfig
+from megatron_opd.rollout.sglang import protocol
+from megatron_opd.rollout.sglang.launcher import ServerProcesses, check_gpus, find_free_ports, sglang_server_commands
+from megatron_opd.rollout.sglang.weight_sync import DistributedWeightSync, write_hf_weights
+
+logger = logging.getLogger(__name__)
+
+HEALTH_TIMEOUT_S = 5.0
+
+
+class RetryableError(RuntimeError):
+    """The server failed (not the request): try another server."""
+
+
+class RequestError(RuntimeError):
+    """The request itself was refused (4xx): retrying cannot help."""
+
+
+@dataclasses.dataclass
+class ServerFailure:
+    url: str
+    error: str
+    sequences: int  # prompts of the failed request (re-sent elsewhere)
+    time: float
+
+
+@dataclasses.dataclass(eq=False)
+class Server:
+    url: str
+    up: bool = True
+    retired: bool = False  # missed a weight update: never used again
+    inflight: int = 0
+    assigned: int = 0  # requests given to it so far
+    completed: int = 0  # requests it answered
+
+
+def post_json(url: str, path: str, body: dict[str, Any], timeout_s: float) -> Any:
+    """POST ``body`` to ``url + path``; the JSON answer, or RetryableError / RequestError."""
+    try:
+        r = requests.post(url + path, json=body, timeout=(min(10.0, timeout_s), timeout_s))
+    except (requests.ConnectionError, requests.Timeout) as e:
+        raise RetryableError(f"{type(e).__name__}: {e}") from e
+    if r.status_code >= 500 or r.status_code in (408, 429):
+        raise RetryableError(f"HTTP {r.status_code}: {r.text[:300]}")
+    if r.status_code != 200:
+        raise RequestError(f"HTTP {r.status_code} from {url}{path}: {r.text[:500]}")
+    try:
+        return r.json()
+    except ValueError as e:
+        raise RetryableError(f"answer is not JSON: {r.text[:200]!r}") from e
+
+
+def healthy(url: str, timeout_s: float = HEALTH_TIMEOUT_S) -> bool:
+    try:
+        return requests.get(url + "/health", timeout=timeout_s).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+@dataclasses.dataclass
+class _Job:
+    rows: list[int]  # indices into the generate call's prompts
+    attempts: int = 0
+    not_before: float = 0.0
+
+
+class SGLangEngine:
+    """A :class:`~megatron_opd.rollout.base.RolloutEngine` over SGLang's HTTP API."""
+
+    def __init__(self, cfg: RolloutConfig, model_dir: str, *, eos_token_ids: Iterable[int] = ()) -> None:
+        self.cfg, self.model_dir = cfg, str(model_dir)
+        self.stop_token_ids = tuple(eos_token_ids)  # sent with every request besides the sampling's own
+        s = cfg.sglang
+        self.processes: ServerProcesses | None = None
+        if s.urls:
+            urls = [u.rstrip("/") for u in s.urls]
+            gpus = [s.tp_size * s.dp_size] * len(urls)
+        else:
+            check_gpus(s)
+            commands = sglang_server_commands(s, self.model_dir, seed=cfg.seed)
+            self.processes = ServerProcesses(commands, s.log_dir).start(s.startup_timeout_s)
+            urls, gpus = self.processes.urls, [s.tp_size * s.dp_size] * len(commands)
+        self.servers = [Server(u) for u in urls]
+        self.gpus_per_server = gpus
+        self.failures: list[ServerFailure] = []
+        self.weight_version = 0
+        self._rng = np.random.default_rng(cfg.seed)
+        self._dist: DistributedWeightSync | None = None
+        self._probe(self.servers)
+        if not any(sv.up for sv in self.servers):
+            self.shutdown()
+            raise RolloutError(f"no SGLang server answers GET /health: {urls}. Fix: start them or check the URLs.")
+
+    # -- server state -------------------------------------------------------------------------------
+    def _usable(self) -> list[Server]:
+        return [sv for sv in self.servers if sv.up and not sv.retired]
+
+    def _mark_down(self, server: Server, error: str, sequences: int) -> None:
+        server.up = False
+        self.failures.append(ServerFailure(server.url, error, sequences, time.time()))
+        others = [sv.url for sv in self._usable()]
+        logger.warning(
+            "rollout server %s failed (%s); its request of %d prompts goes to %s",
+            server.url,
+            error,
+            sequences,
+            ", ".join(others) or "a revived server (if any)",
+        )
+
+    def _probe(self, servers: list[Server]) -> None:
+        """Ask ``servers`` for ``GET /health``; mark them up or (with a recorded failure) down."""
+        timeout = min(HEALTH_TIMEOUT_S, self.cfg.request_timeout_s)
+        for sv in servers:
+            ok = healthy(sv.url, timeout)
+            if ok and not sv.up:
+                logger.info("rollout server %s answers /health again", sv.url)
+            elif not ok and sv.up:
+                self.failures.append(ServerFailure(sv.url, "GET /health failed", 0, time.time()))
+            sv.up = ok
+
+    def _revive(self) -> None:
+        self._probe([sv for sv in self.servers if not sv.up and not sv.retired])
+
+    def _pick(self) -> Server | None:
+        free = [sv for sv in self._usable() if sv.inflight < self.cfg.sglang.concurrency_per_server]
+        return min(free, key=lambda sv: (sv.inflight, sv.assigned)) if free else None
+
+    def _failure_report(self) -> str:
+        return "; ".join(f"{f.url}: {f.error}" for f in self.failures[-2 * len(self.servers) :])
+
+    # -- generation ----------------------------------------------------------------------------------
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Completion]:
+        if not prompts:
+            return []
+        seeds = row_seeds(sampling, len(prompts), self._rng)
+        if self.stop_token_ids:
+            stops = tuple(sorted(set(sampling.stop_token_ids) | set(self.stop_token_ids)))
+            sampling = dataclasses.replace(sampling, stop_token_ids=stops)
+        bs = self.cfg.batch_size
+        queue = collections.deque(_Job(list(range(i, min(i + bs, len(prompts))))) for i in range(0, len(prompts), bs))
+        results: list[Completion | None] = [None] * len(prompts)
+        self._revive()
+        pool = ThreadPoolExecutor(max_workers=len(self.servers) * self.cfg.sglang.concurrency_per_server)
+        inflight: dict[Future, tuple[_Job, Server]] = {}
+        try:
+            while queue or inflight:
+                self._dispatch(queue, inflight, pool, prompts, sampling, seeds)
+                if not inflight:
+                    time.sleep(max(0.0, min(j.not_before for j in queue) - time.monotonic()))
+                    continue
+                done, _ = wait(list(inflight), timeout=0.5, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    job, server = inflight.pop(fut)
+                    server.inflight -= 1
+                    try:
+                        completions = fut.result()
+                    except RetryableError as e:
+                        self._mark_down(server, str(e), len(job.rows))
+                        job.attempts += 1
+                        if job.attempts > self.cfg.max_retries:
+                            raise RolloutError(
+                                f"a request of {len(job.rows)} prompts failed {job.attempts} times; server failures: "
+                                f"{self._failure_report()}. Fix: check the servers' logs, raise rollout.max_retries "
+                                "or rollout.request_timeout_s."
+                            ) from e
+                        job.not_before = time.monotonic() + self.cfg.retry_backoff_s * 2 ** (job.attempts - 1)
+                        queue.append(job)
+                    except (RequestError, protocol.ProtocolError) as e:
+                        raise RolloutError(f"{server.url} refused a /generate request: {e}") from e
+                    else:
+                        server.completed += 1
+                        for i, c in zip(job.rows, completions):
+                            results[i] = c
+        finally:
+            for _job, server in inflight.values():
+                server.inflight -= 1
+            pool.shutdown(wait=False, cancel_futures=True)
+        return results  # type: ignore[return-value]
+
+    def _dispatch(
+        self,
+        queue: collections.deque[_Job],
+        inflight: dict[Future, tuple[_Job, Server]],
+        pool: ThreadPoolExecutor,
+        prompts: list[list[int]],
+        sampling: SamplingParams,
+        seeds: list[int],
+    ) -> None:
+        now = time.monotonic()
+        for _ in range(len(queue)):
+            job = queue.popleft()
+            if job.not_before > now:
+                queue.append(job)
+                continue
+            server = self._pick()
+            if server is None and not self._usable():
+                self._revive()
+                server = self._pick()
+                if server is None and not self._usable():
+                    raise RolloutError(
+                        f"all {len(self.servers)} rollout servers are down: {self._failure_report()}. "
+                        "Fix: check the servers' logs (rollout.sglang.log_dir) and restart them."
+                    )
+            if server is None:  # every server is at its concurrency limit
+                queue.appendleft(job)
+                return
+            server.inflight += 1
+            server.assigned += 1
+            fut = pool.submit(
+                self._request, server.url, [prompts[i] for i in job.rows], sampling, [seeds[i] for i in job.rows]
+            )
+            inflight[fut] = (job, server)
+
+    def _request(
+        self, url: str, prompts: list[list[int]], sampling: SamplingParams, seeds: list[int]
+    ) -> list[Completion]:
+        body = post_json(url, "/generate", protocol.generate_body(prompts, sampling, seeds), self.cfg.request_timeout_s)
+        try:
+            return protocol.parse_generate_response(body, prompts)
+        except protocol.ProtocolError as e:
+            raise RetryableError(f"bad /generate answer: {e}") from e
+
+    # -- weights ---------------------------------------------------------------------------------------
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Send new weights (HF names) to every server; servers that miss the update are retired."""
+        self.weight_version += 1
+        version = str(self.weight_version)
+        for sv in self.servers:
+            if not sv.up and not sv.retired:
+                sv.retired = True
+                logger.error("rollout server %s is down during weight update %s: retired", sv.url, version)
+        servers = self._usable()
+        if not servers:
+            raise RolloutError(f"no rollout server is up to receive weights: {self._failure_report()}.")
+        if self.cfg.sglang.weight_sync == "distributed":
+            self._update_distributed(named_tensors, version, servers)
+        else:
+            self._update_from_disk(named_tensors, version, servers)
+
+    def _update_from_disk(
+        self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: str, servers: list[Server]
+    ) -> None:
+        root = self.cfg.sglang.weight_sync_dir
+        base = Path(root) if root else Path(tempfile.gettempdir())
+        base.mkdir(parents=True, exist_ok=True)
+        out = Path(tempfile.mkdtemp(prefix=f"opd_weights_v{version}_", dir=base))
+        try:
+            write_hf_weights(named_tensors, out, self.model_dir)
+            body = protocol.update_weights_from_disk_body(str(out), version)
+            with ThreadPoolExecutor(len(servers)) as pool:
+                futures = {
+                    sv: pool.submit(post_json, sv.url, "/update_weights_from_disk", body, self.cfg.request_timeout_s)
+                    for sv in servers
+                }
+            errors = {}
+            for sv, fut in futures.items():
+                try:
+                    answer = fut.result()
+                    if not answer.get("success"):
+                        errors[sv] = answer.get("message", "success=false")
+                except (RetryableError, RequestError) as e:
+                    errors[sv] = str(e)
+            for sv, err in errors.items():
+                sv.retired = True
+                self.failures.append(ServerFailure(sv.url, f"weight update {version}: {err}", 0, time.time()))
+                logger.error("rollout server %s failed weight update %s (%s): retired", sv.url, version, err)
+            if len(errors) == len(servers):
+                raise RolloutError(f"weight update {version} failed on every server: {self._failure_report()}")
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
+
+    def _update_distributed(
+        self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: str, servers: list[Server]
+    ) -> None:
+        s = self.cfg.sglang
+        if self._dist is None:
+            port = s.weight_sync_master_port or find_free_ports(s.weight_sync_master_addr, 0, 1)[0]
+            self._dist = DistributedWeightSync(
+                [sv.url for sv in self.servers],
+                self.gpus_per_server,
+                lambda url, path, body, t: post_json(url, path, body, t),
+                master_address=s.weight_sync_master_addr,
+                master_port=port,
+                backend=s.weight_sync_backend,
+                bucket_mb=self.cfg.weight_sync_bucket_mb,
+                timeout_s=self.cfg.request_timeout_s,
+            )
+        if len(servers) != len(self.servers):
+            raise RolloutError(
+                "distributed weight sync needs every server of the group up; down: "
+                f"{[sv.url for sv in self.servers if sv not in servers]}. Fix: restart them, or use weight_sync=disk."
+            )
+        self._dist.update(named_tensors, version)
+
+    # -- lifecycle ----------------------------------------------------------------------------------------
+    def health(self) -> bool:
+        """True when every server still in use answers ``GET /health``."""
+        in_use = [sv for sv in self.servers if not sv.retired]
+        return bool(in_use) and all(healthy(sv.url) for sv in in_use)
+
+    def shutdown(self) -> None:
+        if self._dist is not None:
+            try:
+                self._dist.destroy()
+            except RolloutError as e:
+                logger.warning("destroying the weight update group: %s", e)
+            self._dist = None
+        if self.processes is not None:
+            self.processes.stop()
+            self.processes = None

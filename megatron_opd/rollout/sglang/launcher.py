@@ -1,0 +1,209 @@
+"""Launching rollout servers as subprocesses: command construction, ports, logs, readiness, teardown.
+
+:func:`sglang_server_commands` builds ``python -m sglang.launch_server`` command lines (pure, so it
+is tested on machines without SGLang); :class:`ServerProcesses` runs any list of server commands
+(SGLang's, or ``opd serve`` in tests): one process group per server with its output in a log file,
+waits until each answers ``GET /health`` (a server that exits or stays silent past the timeout is
+an error quoting the end of its log), and stops them all (SIGTERM, then SIGKILL).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import requests
+
+from megatron_opd.rollout.base import RolloutError
+from megatron_opd.rollout.config import SGLangConfig
+
+logger = logging.getLogger(__name__)
+
+_LOG_TAIL = 40  # lines of a failed server's log quoted in the error
+
+
+@dataclasses.dataclass
+class ServerCommand:
+    """One server to launch: its URL once up, the command line and extra environment variables."""
+
+    url: str
+    command: list[str]
+    env: dict[str, str] = dataclasses.field(default_factory=dict)
+    name: str = "server"
+
+
+def port_is_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def find_free_ports(host: str, start: int, count: int, avoid: set[int] | None = None) -> list[int]:
+    """``count`` ports >= ``start`` that can be bound on ``host`` now (``start=0``: any free ports)."""
+    avoid = set(avoid or ())
+    ports: list[int] = []
+    if start == 0:
+        while len(ports) < count:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                s.bind((host, 0))
+                port = s.getsockname()[1]
+            if port not in avoid and port not in ports:
+                ports.append(port)
+        return ports
+    for port in range(start, 65536):
+        if port not in avoid and port_is_free(host, port):
+            ports.append(port)
+            if len(ports) == count:
+                return ports
+    raise RolloutError(f"no {count} free ports from {start} on {host}. Fix: set rollout.sglang.base_port elsewhere.")
+
+
+def sglang_server_commands(
+    cfg: SGLangConfig, model_dir: str, *, seed: int, python: str = sys.executable
+) -> list[ServerCommand]:
+    """The ``sglang.launch_server`` commands of ``cfg.num_servers`` servers on this node.
+
+    Server ``i`` gets the HTTP port and NCCL port found free from ``cfg.base_port`` on, GPUs
+    ``base_gpu_id + i*tp*dp ... + tp*dp - 1`` and random seed ``seed + i``.
+    """
+    gpus = cfg.tp_size * cfg.dp_size
+    ports = find_free_ports(cfg.host, cfg.base_port, 2 * cfg.num_servers)
+    commands = []
+    for i in range(cfg.num_servers):
+        http_port, nccl_port = ports[2 * i], ports[2 * i + 1]
+        command = [
+            python, "-m", "sglang.launch_server",
+            "--model-path", model_dir,
+            "--host", cfg.host,
+            "--port", str(http_port),
+            "--tp-size", str(cfg.tp_size),
+            "--dp-size", str(cfg.dp_size),
+            "--mem-fraction-static", str(cfg.mem_fraction_static),
+            "--base-gpu-id", str(cfg.base_gpu_id + i * gpus),
+            "--nccl-port", str(nccl_port),
+            "--random-seed", str(seed + i),
+            *cfg.extra_args,
+        ]  # fmt: skip
+        commands.append(ServerCommand(f"http://{cfg.host}:{http_port}", command, name=f"sglang{i}"))
+    return commands
+
+
+def check_gpus(cfg: SGLangConfig) -> None:
+    """Launching needs ``num_servers * tp * dp`` GPUs from ``base_gpu_id`` on."""
+    import torch
+
+    need = cfg.base_gpu_id + cfg.num_servers * cfg.tp_size * cfg.dp_size
+    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if need > have:
+        raise RolloutError(
+            f"launching {cfg.num_servers} SGLang server(s) with tp={cfg.tp_size} dp={cfg.dp_size} from GPU "
+            f"{cfg.base_gpu_id} needs {need} GPUs, this node has {have}. Fix: lower rollout.sglang.num_servers "
+            "/ tp_size / dp_size, or give running servers in rollout.sglang.urls (on CPU use rollout.engine=hf)."
+        )
+
+
+class ServerProcesses:
+    """Server subprocesses with log files; a context manager that stops them on exit."""
+
+    def __init__(self, commands: list[ServerCommand], log_dir: str | Path | None = None) -> None:
+        self.commands = commands
+        self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="opd_servers_"))
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.procs: list[subprocess.Popen] = []
+        self.log_paths = [self.log_dir / f"{c.name}.log" for c in commands]
+
+    @property
+    def urls(self) -> list[str]:
+        return [c.url for c in self.commands]
+
+    def start(self, timeout_s: float) -> ServerProcesses:
+        """Start every server and wait until all are healthy (stops them all on failure)."""
+        logger.info("launching %d server(s), logs in %s", len(self.commands), self.log_dir)
+        try:
+            for cmd, log_path in zip(self.commands, self.log_paths):
+                with open(log_path, "ab") as log:
+                    self.procs.append(
+                        subprocess.Popen(
+                            cmd.command,
+                            stdout=log,
+                            stderr=subprocess.STDOUT,
+                            env={**os.environ, **cmd.env},
+                            start_new_session=True,  # its own process group: stop() reaches its children
+                        )
+                    )
+            self.wait_ready(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        pending = set(range(len(self.commands)))
+        while pending:
+            for i in sorted(pending):
+                if self.procs[i].poll() is not None:
+                    raise RolloutError(
+                        f"{self.commands[i].name} ({self.commands[i].url}) exited with code {self.procs[i].returncode} "
+                        f"while starting. Last lines of {self.log_paths[i]}:\n{self.log_tail(i)}"
+                    )
+                try:
+                    if requests.get(self.commands[i].url + "/health", timeout=5).status_code == 200:
+                        pending.discard(i)
+                except requests.RequestException:
+                    pass
+            if pending and time.monotonic() > deadline:
+                i = min(pending)
+                raise RolloutError(
+                    f"{self.commands[i].name} ({self.commands[i].url}) not healthy after {timeout_s:.0f} s. "
+                    f"Fix: raise rollout.sglang.startup_timeout_s or read {self.log_paths[i]}:\n{self.log_tail(i)}"
+                )
+            if pending:
+                time.sleep(0.5)
+
+    def log_tail(self, i: int) -> str:
+        try:
+            return "\n".join(self.log_paths[i].read_text(errors="replace").splitlines()[-_LOG_TAIL:])
+        except OSError:
+            return "(no log)"
+
+    def kill(self, i: int) -> None:
+        """SIGKILL server ``i`` and its children at once (tests; a crash)."""
+        try:
+            os.killpg(self.procs[i].pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.procs[i].wait()
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        """SIGTERM every server's process group, SIGKILL what is left after ``grace_s``."""
+        for p in self.procs:
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + grace_s
+        for i, p in enumerate(self.procs):
+            try:
+                p.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                self.kill(i)
+
+    def __enter__(self) -> ServerProcesses:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,38 @@
+"""Tiny HF models (peaked distributions, so top-p really truncates) and ``opd serve`` commands."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from megatron_opd.models.tiny import save_tiny_model, tiny_config
+from megatron_opd.rollout.sglang.launcher import ServerCommand, find_free_ports
+
+INIT_STD = 0.3  # HF's 0.02 gives near-uniform next-token distributions
+
+
+@pytest.fixture(scope="session")
+def dense_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("dense0")
+    save_tiny_model(out, tiny_config(), seed=0, init_std=INIT_STD)
+    return out
+
+
+@pytest.fixture(scope="session")
+def dense_dir_b(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Same architecture as ``dense_dir``, other weights."""
+    out = tmp_path_factory.mktemp("dense1")
+    save_tiny_model(out, tiny_config(), seed=1, init_std=INIT_STD)
+    return out
+
+
+def serve_commands(model_dir: Path, count: int, name: str = "opd") -> list[ServerCommand]:
+    """``opd serve`` command lines on free ports."""
+    ports = find_free_ports("127.0.0.1", 0, count)
+    base = [sys.executable, "-m", "megatron_opd.cli", "serve", "--model", str(model_dir), "--batch-size", "4"]
+    return [
+        ServerCommand(f"http://127.0.0.1:{p}", [*base, "--port", str(p)], {"OMP_NUM_THREADS": "1"}, f"{name}{i}")
+        for i, p in enumerate(ports)
+    ]

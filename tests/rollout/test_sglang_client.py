@@ -1,0 +1,201 @@
+"""The ``sglang`` engine against ``opd serve`` subprocesses over real HTTP: batching over two servers,
+a server killed mid-batch, a hanging server, retries running out, weight sync (disk and a gloo
+process group)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import requests
+
+from megatron_opd.convert.hf_io import HFCheckpointReader
+from megatron_opd.rollout import RolloutConfig, build_engine
+from megatron_opd.rollout.base import Completion, RolloutError, SamplingParams
+from megatron_opd.rollout.hf_engine import HFEngine
+from megatron_opd.rollout.sglang.client import SGLangEngine
+from megatron_opd.rollout.sglang.launcher import ServerProcesses, find_free_ports
+from tests.rollout.conftest import serve_commands
+
+pytestmark = pytest.mark.slow
+PROMPTS = [[i % 100 + 1, (7 * i) % 100 + 2, 3] for i in range(12)]
+SP = SamplingParams(temperature=0.8, top_p=0.9, max_new_tokens=8, seed=100)
+
+
+@pytest.fixture(scope="module")
+def all_servers(dense_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcesses]:
+    """Three servers started together; the third is the one test_server_killed_mid_batch kills."""
+    procs = ServerProcesses(serve_commands(dense_dir, 3), tmp_path_factory.mktemp("logs"))
+    with procs.start(timeout_s=120):
+        yield procs
+
+
+@pytest.fixture(scope="module")
+def servers(all_servers: ServerProcesses) -> list[str]:
+    """The URLs of the two servers that stay up."""
+    return all_servers.urls[:2]
+
+
+@pytest.fixture(scope="module")
+def reference(dense_dir: Path) -> HFEngine:
+    return HFEngine(dense_dir, batch_size=16, seed=0)
+
+
+def config(urls: list[str], **kw) -> RolloutConfig:
+    fields = dict(engine="sglang", batch_size=2, seed=9, retry_backoff_s=0.05, request_timeout_s=30.0)
+    cfg = RolloutConfig(**{**fields, **kw})
+    cfg.sglang.urls = list(urls)
+    cfg.sglang.concurrency_per_server = 2
+    return cfg
+
+
+def same(got: list[Completion], want: list[Completion]) -> None:
+    assert [c.token_ids for c in got] == [c.token_ids for c in want]
+    assert [c.finish_reason for c in got] == [c.finish_reason for c in want]
+    for g, w in zip(got, want):
+        assert g.prompt_ids == w.prompt_ids and g.logprobs == pytest.approx(
+            w.logprobs, abs=1e-4
+        )  # fp32, other batch shapes
+
+
+def test_batches_spread_over_two_servers(servers: list[str], reference: HFEngine) -> None:
+    engine = build_engine(config(servers), "unused-model-dir")
+    assert isinstance(engine, SGLangEngine) and engine.health()
+    same(engine.generate(PROMPTS, SP), reference.generate(PROMPTS, SP))
+    assert sum(sv.completed for sv in engine.servers) == 6 and all(sv.completed for sv in engine.servers)
+    a, b = engine.servers  # the next request goes to the server with the fewest in flight, then fewest given
+    a.inflight, b.inflight, a.assigned, b.assigned = 1, 0, 0, 5
+    assert engine._pick() is b
+    b.inflight = 1
+    assert engine._pick() is a
+    a.inflight = b.inflight = 2  # both at concurrency_per_server
+    assert engine._pick() is None
+    a.inflight = b.inflight = 0
+    # seed=None: per-row seeds from the engine's generator (rollout.seed), like an HFEngine with that seed
+    free = SamplingParams(max_new_tokens=5)
+    same(engine.generate(PROMPTS, free), HFEngine(reference.model_dir, seed=9).generate(PROMPTS, free))
+    assert engine.failures == []
+
+
+def test_server_killed_mid_batch(all_servers: ServerProcesses, dense_dir: Path, reference: HFEngine) -> None:
+    sp = SamplingParams(temperature=1.0, max_new_tokens=40, seed=5)
+    victim = all_servers.urls[2]
+    cfg = config([all_servers.urls[0], victim], batch_size=1)
+    cfg.sglang.concurrency_per_server = 1
+    engine = SGLangEngine(cfg, str(dense_dir))
+    dead = engine.servers[1]
+
+    def kill_when_busy() -> None:
+        while dead.inflight == 0 or dead.completed == 0:  # mid-batch: it has answered and is working again
+            time.sleep(0.005)
+        all_servers.kill(2)
+
+    killer = threading.Thread(target=kill_when_busy, daemon=True)
+    killer.start()
+    got = engine.generate(PROMPTS[:6], sp)
+    killer.join(timeout=5)
+    same(got, reference.generate(PROMPTS[:6], sp))
+    assert not dead.up and {f.url for f in engine.failures} == {victim}
+    assert "Connection" in engine.failures[0].error
+    assert engine.servers[0].completed + dead.completed == 6 and dead.completed >= 1
+
+
+class _Hanging(BaseHTTPRequestHandler):
+    """Healthy on GET /health, never answers /generate (until the test releases it)."""
+
+    release = threading.Event()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def do_POST(self) -> None:
+        self.release.wait(60)
+
+
+@pytest.fixture
+def hanging_url() -> Iterator[str]:
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Hanging)
+    srv.daemon_threads = True
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}"
+    _Hanging.release.set()
+    srv.shutdown()
+    srv.server_close()
+    _Hanging.release.clear()
+
+
+def test_hanging_server_times_out_and_requests_move(servers: list[str], hanging_url: str, reference: HFEngine) -> None:
+    cfg = config([hanging_url, servers[0]], request_timeout_s=1.0)
+    engine = SGLangEngine(cfg, "unused")
+    start = time.monotonic()
+    got = engine.generate(PROMPTS[:6], SP)
+    same(got, reference.generate(PROMPTS[:6], SP))
+    assert time.monotonic() - start < 20
+    assert engine.failures and {f.url for f in engine.failures} == {hanging_url}
+    assert "Timeout" in engine.failures[0].error and engine.servers[1].completed == 3
+
+
+def test_retries_run_out_with_a_clear_error(hanging_url: str) -> None:
+    engine = SGLangEngine(config([hanging_url], request_timeout_s=0.5, max_retries=1), "unused")
+    start = time.monotonic()
+    with pytest.raises(RolloutError, match=rf"failed 2 times; server failures: {hanging_url}: ReadTimeout"):
+        engine.generate(PROMPTS[:2], SP)
+    assert time.monotonic() - start < 15
+
+
+def test_unreachable_and_refused(servers: list[str]) -> None:
+    dead = f"http://127.0.0.1:{find_free_ports('127.0.0.1', 0, 1)[0]}"
+    with pytest.raises(RolloutError, match="no SGLang server answers GET /health"):
+        SGLangEngine(config([dead]), "unused")
+    engine = SGLangEngine(config([dead, servers[0]]), "unused")
+    assert [sv.up for sv in engine.servers] == [False, True]
+    assert len(engine.generate(PROMPTS[:3], SP)) == 3
+    with pytest.raises(RolloutError, match=r"refused a /generate request: HTTP 400.*outside \[0, 128\)"):
+        engine.generate([[1, 999]], SP)
+
+
+def _restore(servers: list[str], model_dir: Path) -> None:
+    engine = SGLangEngine(config(servers), str(model_dir))
+    engine.update_weights(HFCheckpointReader(model_dir).items())
+
+
+def test_weight_update_from_disk(servers: list[str], dense_dir: Path, dense_dir_b: Path, tmp_path: Path) -> None:
+    cfg = config(servers)
+    cfg.sglang.weight_sync_dir = str(tmp_path / "sync")
+    engine = SGLangEngine(cfg, str(dense_dir))
+    before = engine.generate(PROMPTS, SP)
+    try:
+        engine.update_weights(HFCheckpointReader(dense_dir_b).items())
+        after = engine.generate(PROMPTS, SP)
+        same(after, HFEngine(dense_dir_b, seed=0).generate(PROMPTS, SP))
+        assert [c.token_ids for c in after] != [c.token_ids for c in before]
+        assert [requests.get(u + "/get_model_info").json()["weight_version"] for u in servers] == ["1", "1"]
+        assert list((tmp_path / "sync").iterdir()) == []  # the written checkpoint is removed after loading
+    finally:
+        _restore(servers, dense_dir)
+    same(engine.generate(PROMPTS, SP), before)
+
+
+def test_weight_update_over_a_process_group(servers: list[str], dense_dir: Path, dense_dir_b: Path) -> None:
+    cfg = config(servers)
+    cfg.sglang.weight_sync = "distributed"
+    cfg.sglang.weight_sync_backend = "gloo"
+    cfg.weight_sync_bucket_mb = 1  # several /update_weights_from_distributed calls
+    engine = SGLangEngine(cfg, str(dense_dir))
+    try:
+        engine.update_weights(HFCheckpointReader(dense_dir_b).items())
+        same(engine.generate(PROMPTS, SP), HFEngine(dense_dir_b, seed=0).generate(PROMPTS, SP))
+        engine.update_weights(HFCheckpointReader(dense_dir).items())  # the same group, a second time
+        same(engine.generate(PROMPTS, SP), HFEngine(dense_dir, seed=0).generate(PROMPTS, SP))
+    finally:
+        engine.shutdown()  # destroys the group on both sides
+        _restore(servers, dense_dir)

@@ -28,7 +28,7 @@ from megatron_opd.rewards import Score, reward_kind, score_sample
 from megatron_opd.rewards.code import expected_outputs
 from megatron_opd.rewards.code_tests import CallTests, CodeTestsError, StdioTests, parse_tests
 from megatron_opd.rewards.sandbox import SandboxLimits
-from megatron_opd.rollout.base import RolloutEngine, SamplingParams
+from megatron_opd.rollout.base import Completion, RolloutEngine, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -148,6 +148,38 @@ def _shown(ground_truth: Any) -> Any:
     return text if len(text) <= _GROUND_TRUTH_SHOWN else text[:_GROUND_TRUTH_SHOWN] + "..."
 
 
+def _write_outputs(
+    out: Path,
+    summary: dict[str, Any],
+    tokenizer: Any,
+    samples: list[tuple[Problem, int]],
+    texts: list[str],
+    completions: list[Completion],
+    scores: list[Score],
+) -> None:
+    """``metrics.json`` (``summary``) and ``samples.jsonl`` (one record per sample) in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+    prompt_texts = {id(p): tokenizer.decode(p.row.prompt_ids) for p, _ in samples}
+    with open(out / "samples.jsonl", "w") as f:
+        for (p, j), text, completion, score in zip(samples, texts, completions, scores):
+            record = {
+                "benchmark": p.benchmark,
+                "problem": p.index,
+                "sample": j,
+                "file": p.row.file,
+                "row": p.row.row,
+                "prompt": prompt_texts[id(p)],
+                "response": text,
+                "response_tokens": len(completion.token_ids),
+                "finish_reason": completion.finish_reason,
+                "score": score.value,
+                "details": score.details,
+                "ground_truth": _shown(p.row.ground_truth),
+            }
+            f.write(json.dumps(record) + "\n")
+
+
 def evaluate(
     engine: RolloutEngine,
     tokenizer: Any,
@@ -210,32 +242,7 @@ def evaluate(
     logger.info("evaluated %d problems x %d samples: %s (%s)", len(problems), cfg.n, results, timings)
 
     if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        summary = {
-            "accuracy": results["accuracy"],
-            "benchmarks": by_benchmark,
-            "files": files,
-            "config": dataclasses.asdict(cfg),
-            "time": timings,
-        }
-        (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
-        prompt_texts = {id(p): tokenizer.decode(p.row.prompt_ids) for p in problems}
-        with open(out / "samples.jsonl", "w") as f:
-            for (p, j), text, completion, score in zip(samples, texts, completions, scores):
-                record = {
-                    "benchmark": p.benchmark,
-                    "problem": p.index,
-                    "sample": j,
-                    "file": p.row.file,
-                    "row": p.row.row,
-                    "prompt": prompt_texts[id(p)],
-                    "response": text,
-                    "response_tokens": len(completion.token_ids),
-                    "finish_reason": completion.finish_reason,
-                    "score": score.value,
-                    "details": score.details,
-                    "ground_truth": _shown(p.row.ground_truth),
-                }
-                f.write(json.dumps(record) + "\n")
+        summary = {"accuracy": results["accuracy"], "benchmarks": by_benchmark, "files": files}
+        summary.update(config=dataclasses.asdict(cfg), time=timings)
+        _write_outputs(Path(out_dir), summary, tokenizer, samples, texts, completions, scores)
     return results

@@ -143,11 +143,11 @@ def _call_failure(run: SandboxRun, k: int) -> tuple[str, str] | None:
     """(status, message) when call ``k`` did not return a value, else None."""
     if k >= len(run.calls):
         return _RUN_STATUS.get(run.status, "runtime_error"), _last_line(run.stderr) or "not run"
-    error = run.calls[k].get("error")
-    if error is None:
+    if run.calls[k].get("error") is None:
         return None
+    error = str(run.calls[k]["error"])
     status = "timeout" if error.startswith("TimeoutError") else "memory" if error.startswith("MemoryError") else None
-    return status or "runtime_error", str(error)[:300]
+    return status or "runtime_error", error[:300]
 
 
 @functools.lru_cache(maxsize=1024)
@@ -188,7 +188,7 @@ def _check_calls(code: str, tests: CallTests, limits: SandboxLimits) -> CodeResu
         if failure is None:
             try:
                 value = decode_value(run.calls[k]["value"])
-            except (ValueError, TypeError, KeyError, AttributeError):  # a result line the harness did not write
+            except (ValueError, TypeError, KeyError, AttributeError, RecursionError):  # not the harness's writing
                 failure = ("wrong_answer", "malformed result")
             else:
                 if not _output_matches(value, expected[group][i], tests):

@@ -24,7 +24,7 @@ from megatron_opd.data.templates import encode_prompts, render_chat, resolve_cha
 from megatron_opd.eval.config import EvalConfig
 from megatron_opd.eval.metrics import k_values, length_stats, pass_at_k
 from megatron_opd.eval.templates import apply_template
-from megatron_opd.rewards import Score, reward_kind, score_sample
+from megatron_opd.rewards import Score, reward_kind, score_batch
 from megatron_opd.rewards.code import expected_outputs
 from megatron_opd.rewards.code_tests import CallTests, CodeTestsError, StdioTests, parse_tests
 from megatron_opd.rewards.sandbox import SandboxLimits
@@ -108,24 +108,6 @@ def load_problems(
         if cfg.max_problems is None or len(problems) < cfg.max_problems:
             problems.append(Problem(row.data_source, len(problems), row, tests))
     return benchmarks
-
-
-def _score_all(items: list[tuple[str, str, Any, dict]], limits: SandboxLimits, workers: int) -> list[Score]:
-    """Scores of (data_source, response, ground_truth, extra_info) items: code in a thread pool,
-    math meanwhile in this thread (Math-Verify's time limit needs the main thread)."""
-    scores: list[Score | None] = [None] * len(items)
-    with ThreadPoolExecutor(workers) as pool:
-        futures = {
-            i: pool.submit(score_sample, *item, limits=limits)
-            for i, item in enumerate(items)
-            if reward_kind(item[0]) == "code"
-        }
-        for i, item in enumerate(items):
-            if i not in futures:
-                scores[i] = score_sample(*item)
-        for i, future in futures.items():
-            scores[i] = future.result()
-    return scores  # type: ignore[return-value]
 
 
 def _benchmark_metrics(n: int, scores: list[list[Score]], lengths: list[int], finishes: list[str]) -> dict[str, float]:
@@ -222,7 +204,7 @@ def evaluate(
     texts = tokenizer.batch_decode([c.token_ids for c in completions], skip_special_tokens=True)
     samples = [(p, j) for p in problems for j in range(cfg.n)]
     items = [(p.row.data_source, text, p.row.ground_truth, p.row.extra_info) for (p, _), text in zip(samples, texts)]
-    scores = _score_all(items, limits, cfg.reward_workers)
+    scores = score_batch(items, limits, cfg.reward_workers)
     scored = time.perf_counter()
 
     by_benchmark: dict[str, dict[str, float]] = {}

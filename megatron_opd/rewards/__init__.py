@@ -1,11 +1,14 @@
 """Outcome rewards, dispatched by ``data_source`` (verl's convention): math answers by Math-Verify,
 code by unit tests in a sandboxed subprocess. The trainer (AOPD's accuracy filter, logging) calls
-``compute_score``; the evaluator calls ``score_sample`` for the details it writes per sample.
+``compute_score`` (or ``score_batch`` for many responses at once); the evaluator calls ``score_batch``
+for the details it writes per sample.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from megatron_opd.rewards.code import check_code
@@ -102,9 +105,30 @@ def score_sample(
     return Score(float(result.passed), {"status": result.status, "groups": result.groups, "detail": result.detail})
 
 
+def score_batch(
+    items: Sequence[tuple[str, str, Any, dict | None]], limits: SandboxLimits | None = None, workers: int = 4
+) -> list[Score]:
+    """``score_sample`` of many (data_source, response, ground_truth, extra_info) items, in order:
+    code in ``workers`` threads (each test is its own sandboxed process), math meanwhile in the
+    calling thread (Math-Verify's time limit works only in the main thread)."""
+    scores: list[Score | None] = [None] * len(items)
+    with ThreadPoolExecutor(workers) as pool:
+        futures = {
+            i: pool.submit(score_sample, *item, limits=limits)
+            for i, item in enumerate(items)
+            if reward_kind(item[0]) == "code"
+        }
+        for i, item in enumerate(items):
+            if i not in futures:
+                scores[i] = score_sample(*item)
+        for i, future in futures.items():
+            scores[i] = future.result()
+    return scores  # type: ignore[return-value]
+
+
 def compute_score(data_source: str, response: str, ground_truth: Any, extra_info: dict | None = None) -> float:
     """The outcome reward of one response: 1.0 right (math) / all tests pass (code), else 0.0."""
     return score_sample(data_source, response, ground_truth, extra_info).value
 
 
-__all__ = ["DATA_SOURCES", "CodeTestsError", "Score", "compute_score", "reward_kind", "score_sample"]
+__all__ = ["DATA_SOURCES", "CodeTestsError", "Score", "compute_score", "reward_kind", "score_batch", "score_sample"]

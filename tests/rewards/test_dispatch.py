@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from megatron_opd.rewards import compute_score, reward_kind, score_sample
+from megatron_opd.rewards import compute_score, reward_kind, score_batch, score_sample
 
 
 @pytest.mark.parametrize(
@@ -49,3 +49,14 @@ def test_code_scores_apps_stdin_tests() -> None:
     assert compute_score("code", right.replace("a + b", "a * b"), tests) == 0.0
     details = score_sample("code", right.replace("a + b", "a * b"), tests).details
     assert details["status"] == "wrong_answer" and details["groups"] == {"tests": False}
+
+
+def test_score_batch_keeps_the_order_of_mixed_items() -> None:
+    tests = json.dumps({"inputs": ["2\n"], "outputs": ["4\n"]})
+    items = [
+        ("code", "```python\nprint(int(input()) * 2)\n```", tests, None),
+        ("aime24", "\\boxed{5}", "5", None),
+        ("code", "```python\nprint(3)\n```", tests, None),
+        ("math", "\\boxed{1/2}", "0.4", None),
+    ]
+    assert [s.value for s in score_batch(items, workers=2)] == [1.0, 1.0, 0.0, 0.0]

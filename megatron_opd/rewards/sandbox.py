@@ -96,17 +96,17 @@ def _wait(proc: subprocess.Popen, timeout_s: float) -> bool:
 def _status(returncode: int, timed_out: bool, stderr: str) -> str:
     if timed_out or returncode == -signal.SIGXCPU:
         return "timeout"
+    if returncode == 0:
+        return "ok"
     if returncode == -signal.SIGXFSZ or "File too large" in stderr:  # Python ignores SIGXFSZ: EFBIG
         return "output_limit"
-    if returncode != 0 and "MemoryError" in stderr:
-        return "memory"
-    return "ok" if returncode == 0 else "error"
+    return "memory" if "MemoryError" in stderr else "error"
 
 
 def _read_calls(path: str) -> list[dict]:
     """The call results written so far; a line cut off by a kill (or garbage) ends the list."""
     calls: list[dict] = []
-    for line in Path(path).read_text(errors="replace").splitlines() if os.path.exists(path) else []:
+    for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines() if os.path.exists(path) else []:
         try:
             call = json.loads(line)
         except json.JSONDecodeError:
@@ -121,8 +121,8 @@ def _run(job: dict, source: str, stdin: str, wall_s: float, limits: SandboxLimit
     with tempfile.TemporaryDirectory(prefix="opd-sandbox-", ignore_cleanup_errors=True) as root:
         work = os.path.join(root, "work")
         os.mkdir(work)
-        Path(work, "solution.py").write_text(source)
-        Path(root, "stdin").write_text(stdin)
+        Path(work, "solution.py").write_text(source, encoding="utf-8")
+        Path(root, "stdin").write_text(stdin, encoding="utf-8")
         job = {
             **job,
             "result_path": os.path.join(root, "result.jsonl"),
@@ -156,7 +156,7 @@ def _run(job: dict, source: str, stdin: str, wall_s: float, limits: SandboxLimit
                 except ProcessLookupError:
                     pass
                 proc.wait()
-        stdout = Path(out_path).read_text(errors="replace")
-        stderr = Path(err_path).read_text(errors="replace")[-_STDERR_KEEP:]
+        stdout = Path(out_path).read_text(encoding="utf-8", errors="replace")
+        stderr = Path(err_path).read_text(encoding="utf-8", errors="replace")[-_STDERR_KEEP:]
         calls = _read_calls(job["result_path"])
         return SandboxRun(_status(proc.returncode, not exited, stderr), proc.returncode, stdout, stderr, calls)

@@ -244,7 +244,7 @@ class HFEngine:
         self.update_weights(HFCheckpointReader(path).items())
 
     def health(self) -> bool:
-        return True
+        return self.model is not None
 
     def shutdown(self) -> None:
         """Release the model (the engine cannot generate afterwards)."""

@@ -161,3 +161,4 @@ def test_build_engine_hf(dense_dir: Path) -> None:
     eng = build_engine(RolloutConfig(engine="hf", batch_size=2, seed=3), str(dense_dir), tokenizer=Tok())
     assert isinstance(eng, HFEngine) and eng.eos_token_ids == [9] and eng.batch_size == 2 and eng.health()
     eng.shutdown()
+    assert not eng.health()

@@ -31,7 +31,8 @@ def test_sglang_commands() -> None:
     assert [flag(c.command, "--base-gpu-id") for c in cmds] == ["1", "5", "9"]
     assert [flag(c.command, "--random-seed") for c in cmds] == ["5", "6", "7"]
     ports = [int(flag(c.command, p)) for c in cmds for p in ("--port", "--nccl-port")]
-    assert len(set(ports)) == 6 and min(ports) >= 31000 and all(port_is_free("127.0.0.1", p) for p in ports)
+    assert len(set(ports)) == 6 and all(port_is_free("127.0.0.1", p) for p in ports)
+    assert all(int(flag(c.command, "--port")) >= 31000 + 10 * i for i, c in enumerate(cmds))  # spaced apart
     for c in cmds:
         assert flag(c.command, "--model-path") == "/models/qwen3" and flag(c.command, "--tp-size") == "2"
         assert flag(c.command, "--dp-size") == "2" and flag(c.command, "--mem-fraction-static") == "0.55"

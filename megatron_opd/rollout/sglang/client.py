@@ -318,7 +318,7 @@ class SGLangEngine:
             self._dist = DistributedWeightSync(
                 [sv.url for sv in self.servers],
                 self.gpus_per_server,
-                lambda url, path, body, t: post_json(url, path, body, t),
+                post_json,
                 master_address=s.weight_sync_master_addr,
                 master_port=port,
                 backend=s.weight_sync_backend,

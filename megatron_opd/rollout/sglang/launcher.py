@@ -70,19 +70,23 @@ def find_free_ports(host: str, start: int, count: int, avoid: set[int] | None = 
     raise RolloutError(f"no {count} free ports from {start} on {host}. Fix: set rollout.sglang.base_port elsewhere.")
 
 
+PORT_STRIDE = 10  # server i looks for its ports from base_port + i*PORT_STRIDE (SGLang may use neighbours)
+
+
 def sglang_server_commands(
     cfg: SGLangConfig, model_dir: str, *, seed: int, python: str = sys.executable
 ) -> list[ServerCommand]:
     """The ``sglang.launch_server`` commands of ``cfg.num_servers`` servers on this node.
 
-    Server ``i`` gets the HTTP port and NCCL port found free from ``cfg.base_port`` on, GPUs
+    Server ``i`` gets an HTTP port and an NCCL port found free from ``base_port + 10*i`` on, GPUs
     ``base_gpu_id + i*tp*dp ... + tp*dp - 1`` and random seed ``seed + i``.
     """
     gpus = cfg.tp_size * cfg.dp_size
-    ports = find_free_ports(cfg.host, cfg.base_port, 2 * cfg.num_servers)
+    taken: set[int] = set()
     commands = []
     for i in range(cfg.num_servers):
-        http_port, nccl_port = ports[2 * i], ports[2 * i + 1]
+        http_port, nccl_port = find_free_ports(cfg.host, cfg.base_port + i * PORT_STRIDE, 2, avoid=taken)
+        taken |= {http_port, nccl_port}
         command = [
             python, "-m", "sglang.launch_server",
             "--model-path", model_dir,

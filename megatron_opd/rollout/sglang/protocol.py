@@ -174,14 +174,13 @@ def parse_sampling_params(d: Any, vocab_size: int) -> tuple[SamplingParams, int 
     for key, neutral in NEUTRAL_SAMPLING_DEFAULTS.items():
         if key in d and d[key] not in (neutral, None) and not (key == "stop" and d[key] == []):
             raise ProtocolError(f"sampling_params.{key}={d[key]!r} is not supported by opd serve (only {neutral!r}).")
-    top_k = d.get("top_k")
-    top_k = -1 if top_k is None or top_k >= min(vocab_size, SGLANG_TOP_K_ALL) else int(top_k)
     temperature = d.get("temperature")
     try:
+        top_k = -1 if d.get("top_k") is None else int(d["top_k"])
         sampling = SamplingParams(
             temperature=1.0 if temperature is None else float(temperature),
             top_p=1.0 if d.get("top_p") is None else float(d["top_p"]),
-            top_k=top_k,
+            top_k=-1 if top_k >= min(vocab_size, SGLANG_TOP_K_ALL) else top_k,  # "all tokens"
             max_new_tokens=128 if d.get("max_new_tokens") is None else int(d["max_new_tokens"]),  # SGLang's default
             stop_token_ids=tuple(int(t) for t in d.get("stop_token_ids") or ()),
         )
@@ -220,16 +219,15 @@ def parse_generate_request(body: Any, vocab_size: int) -> GenerateRequest:
         parse_sampling_params(d, vocab_size)
         for d in _per_item(body.get("sampling_params"), n, "sampling_params", batched)
     ]
-    rids = body.get("rid")
+    rid = body.get("rid")
+    rids = [f"{rid}_{i}" for i in range(n)] if batched and isinstance(rid, str) else _per_item(rid, n, "rid", batched)
     return GenerateRequest(
         prompts=prompts,
         texts=texts,
         sampling=[p[0] for p in parsed],
         seeds=[p[1] for p in parsed],
         return_logprob=[bool(x) for x in _per_item(body.get("return_logprob"), n, "return_logprob", batched)],
-        rids=_per_item(rids, n, "rid", batched)
-        if not (batched and isinstance(rids, str))
-        else [f"{rids}_{i}" for i in range(n)],
+        rids=rids,
         batched=batched,
     )
 

@@ -87,6 +87,14 @@ class RolloutConfig:
                 "must lie in (0, 1).",
                 "leave room for the trainer when colocated, e.g. 0.5.",
             )
+        if s.weight_sync == "distributed" and s.dp_size > 1:
+            raise ConfigError(
+                "rollout.sglang.dp_size",
+                s.dp_size,
+                "SGLang joins the weight-update group at rank_offset + tp_rank, so DP replicas inside one server "
+                "would collide.",
+                "use dp_size=1 and more servers (num_servers), or weight_sync=disk.",
+            )
         bad = [u for u in s.urls if not u.startswith(("http://", "https://"))]
         if bad:
             raise ConfigError("rollout.sglang.urls", bad, "URLs need a scheme.", "write them as http://host:port.")

@@ -262,8 +262,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--log-level", default="warning")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    engine = HFEngine(args.model, batch_size=args.batch_size, dtype=args.dtype, device=args.device, seed=args.seed)
-    server = OPDServer((args.host, args.port), ServerState(engine, args.model, args.seed))
+    from megatron_opd.convert.hf_io import CheckpointError
+
+    try:
+        engine = HFEngine(args.model, batch_size=args.batch_size, dtype=args.dtype, device=args.device, seed=args.seed)
+        server = OPDServer((args.host, args.port), ServerState(engine, args.model, args.seed))
+    except (CheckpointError, OSError, ValueError) as e:
+        print(f"opd serve: {e}", file=sys.stderr)
+        return 2
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
     print(f"opd serve: listening on {server.url}", flush=True)
     try:

@@ -33,7 +33,7 @@ def init_weight_update_group(
         c10d.rendezvous(f"tcp://{master_address}:{master_port}", rank, world_size, timeout=timeout)
     )
     store.set_timeout(timeout)
-    group, _ = c10d._new_process_group_helper(
+    made = c10d._new_process_group_helper(
         world_size,
         rank,
         [],
@@ -42,6 +42,7 @@ def init_weight_update_group(
         group_name=group_name,
         timeout=timeout,
     )
+    group = made[0] if isinstance(made, tuple) else made  # (group, store) in recent torch versions
     c10d._world.pg_group_ranks[group] = {i: i for i in range(world_size)}
     return group
 

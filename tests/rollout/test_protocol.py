@@ -113,3 +113,13 @@ def test_write_hf_weights_shards(tmp_path: Path, dense_dir: Path) -> None:
 def test_buckets() -> None:
     tensors = [(str(i), torch.zeros(n)) for i, n in enumerate([3, 3, 10, 1, 1])]  # float32: 4 bytes each
     assert [[n for n, _ in b] for b in buckets(tensors, 24)] == [["0", "1"], ["2"], ["3", "4"]]
+
+
+def test_distributed_sync_needs_one_dp_replica_per_server() -> None:
+    from megatron_opd.config.errors import ConfigError
+    from megatron_opd.rollout.config import RolloutConfig
+
+    cfg = RolloutConfig(engine="sglang")
+    cfg.sglang.weight_sync, cfg.sglang.dp_size = "distributed", 2
+    with pytest.raises(ConfigError, match=r"rollout.sglang.dp_size=2.*use dp_size=1 and more servers"):
+        cfg.validate()

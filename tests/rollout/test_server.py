@@ -120,3 +120,10 @@ def test_info_health_and_update_from_disk(server: OPDServer, dense_dir: Path, de
     finally:
         server.state.engine.update_weights(HFCheckpointReader(dense_dir).items())
         server.state.weight_version = "default"
+
+
+def test_cli_reports_a_bad_model_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from megatron_opd.rollout.server import main
+
+    assert main(["--model", str(tmp_path), "--port", "0"]) == 2
+    assert "no config.json" in capsys.readouterr().err

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from megatron_opd.kernels.vocab_parallel import LocalStats
 
-CHUNK_ELEMENTS = 1 << 22  # fp32 elements per temporary (16 MiB)
+CHUNK_ELEMENTS = 1 << 20  # fp32 elements per temporary (4 MiB)
 
 
 def _row_slices(n: int, v: int) -> list[slice]:
@@ -18,8 +18,8 @@ def _row_slices(n: int, v: int) -> list[slice]:
 
 
 def _scaled(chunk: Tensor, inv_temp: float) -> Tensor:
-    """``chunk / T`` in fp32, never aliasing ``chunk`` (``.float()`` of an fp32 tensor is the tensor itself)."""
-    return chunk.float() * inv_temp if inv_temp != 1.0 else chunk.float()
+    """A new fp32 tensor ``chunk / T`` (never aliasing ``chunk``: it is modified in place by the callers)."""
+    return chunk.float() * inv_temp if inv_temp != 1.0 else chunk.to(torch.float32, copy=True)
 
 
 def _gather_x(x: Tensor, cols: Tensor) -> Tensor:
@@ -41,18 +41,19 @@ def row_stats(
     top_x = torch.empty(n, kk, **f32) if topk else None
     top_col = torch.empty(n, kk, dtype=torch.int64, device=logits.device) if topk else None
     for rows in _row_slices(n, v):
-        x = _scaled(logits[rows], inv_temp)
-        m = x.amax(dim=1)
-        d = x - torch.where(torch.isfinite(m), m, torch.zeros_like(m)).unsqueeze(1)
-        e = torch.exp(d)
-        row_max[rows] = m
-        sum_exp[rows] = e.sum(dim=1)
-        sum_shift[rows] = torch.where(e > 0, e * d, torch.zeros_like(e)).sum(dim=1)
+        x = _scaled(logits[rows], inv_temp)  # the only fp32 chunk copy; reused in place below
         label_x[rows] = _gather_x(x, labels_local[rows].unsqueeze(1)).squeeze(1)
         if ids_x is not None:
             ids_x[rows] = _gather_x(x, ids_local[rows])
         if topk:
             top_x[rows], top_col[rows] = torch.topk(x, kk, dim=1)
+        m = x.amax(dim=1)
+        row_max[rows] = m
+        d = x.sub_(torch.where(torch.isfinite(m), m, torch.zeros_like(m)).unsqueeze(1))
+        e = torch.exp(d)
+        sum_exp[rows] = e.sum(dim=1)
+        sum_shift[rows] = d.masked_fill_(e == 0, 0.0).mul_(e).sum(dim=1)
+        del x, d, e  # before the next chunk allocates its own
     return LocalStats(row_max, sum_exp, sum_shift, label_x, ids_x), top_x, top_col
 
 
@@ -74,11 +75,10 @@ def grad_logits(
     out = torch.empty_like(logits)
     row_max, log_sum, ent, g_all, g_ent, g_lab = row_vals.unbind(1)
     for rows in _row_slices(n, v):
-        x = _scaled(logits[rows], inv_temp)
-        logp = (x - row_max[rows].unsqueeze(1)) - log_sum[rows].unsqueeze(1)
+        logp = _scaled(logits[rows], inv_temp).sub_(row_max[rows].unsqueeze(1)).sub_(log_sum[rows].unsqueeze(1))
         p = torch.exp(logp)
-        coef = -g_all[rows].unsqueeze(1) - g_ent[rows].unsqueeze(1) * (logp + ent[rows].unsqueeze(1))
-        dx = torch.where(p > 0, p * coef, torch.zeros_like(p))
+        dx = logp.add_(ent[rows].unsqueeze(1)).mul_(-g_ent[rows].unsqueeze(1)).sub_(g_all[rows].unsqueeze(1))
+        dx.masked_fill_(p == 0, 0.0).mul_(p)
         lab = labels_local[rows].unsqueeze(1)
         dx.scatter_add_(1, lab.clamp(min=0), torch.where(lab >= 0, g_lab[rows].unsqueeze(1), 0.0))
         if ids_local is not None:
@@ -86,5 +86,6 @@ def grad_logits(
             dx.scatter_add_(1, cols.clamp(min=0), torch.where(cols >= 0, g_ids[rows], 0.0))
         if inv_temp != 1.0:
             dx.mul_(inv_temp)
-        out[rows] = dx.to(logits.dtype)
+        out[rows] = dx
+        del logp, p, dx  # before the next chunk allocates its own
     return out

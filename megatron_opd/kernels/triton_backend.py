@@ -32,7 +32,7 @@ from megatron_opd.kernels.vocab_parallel import LocalStats
 BLOCK_V = 4096
 NUM_WARPS = 8
 MAX_CANDIDATES = 16384  # k_pow2 · GROUP elements held by one top-k program
-_KEY_FLOOR = -9223372036854775807  # below every real (value, column) key
+_KEY_FLOOR = tl.constexpr(-9223372036854775807)  # below every real (value, column) key
 
 
 def _block_v(v: int) -> int:

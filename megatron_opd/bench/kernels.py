@@ -1,0 +1,405 @@
+"""``opd bench kernels``: time and peak memory of the vocab-sized ops (issue 6 "Show"), side by side in one run.
+
+Ops (bf16 logits ``[N, V_local]``, one TP rank's shard simulated on one device; no collective is timed):
+- ``logprob_entropy``: forward + backward of ``Σ w·log p(label) + Σ w'·H`` (sampled-token OPD's student side).
+- ``topk_kl``: forward + backward of the label log-prob plus the forward KL on a K-entry teacher support
+  (``token_logprobs(ids=...)`` -> ``support_divergence``: AOPD / LSM / top-K GKD's student side).
+- ``topk``: forward-only global top-K ids and log-probs (teacher scoring).
+
+Implementations: ``ours`` (``megatron_opd.kernels``: Triton on CUDA, the chunked torch path on CPU), ``torch``
+(plain fp32 ``log_softmax`` + ``gather``/``topk``), ``liger`` (Liger-Kernel's cross entropy, when importable and on
+CUDA: label log-prob only, no entropy) and ``megatron`` (Megatron-Core's ``vocab_parallel_cross_entropy``, when
+importable: label log-prob only).
+
+Each record: the median of ``--repeats`` (>= 5) timed runs after ``--warmup`` runs; the peak memory of one more run
+above what was allocated before it (inputs excluded, the gradient included): on CUDA the caching allocator's
+``max_memory_allocated``; on CPU the peak of live tensor storage bytes created during the run, counted by a
+``TorchDispatchMode`` (allocation-exact, unaffected by malloc's reuse, which makes RSS deltas unreliable);
+``roofline_fraction`` = minimal bytes of the op (6 B/element for a bf16 forward + backward: read, read, write the
+gradient; 2 B/element for top-K: one read) ÷ time ÷ the copy bandwidth measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import os
+import platform
+import statistics
+import time
+import weakref
+from collections.abc import Callable
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from megatron_opd.kernels import support_divergence, token_logprobs, topk_logprobs
+
+OPS = ("logprob_entropy", "topk_kl", "topk")
+IMPLS = ("torch", "ours", "liger", "megatron")  # torch first: the others' lines print their ratios to it
+VOCAB = 151936
+GPU_MATRIX = dict(n=[4096, 16384, 32768], widths=[151936, 37984], k=[32, 64])
+CPU_MATRIX = dict(n=[256], widths=[151936, 37984], k=[32])
+
+
+@dataclasses.dataclass
+class Record:
+    """One measurement; the JSON schema of ``--json``."""
+
+    op: str
+    impl: str
+    n: int
+    v: int
+    k: int
+    tp: int
+    time_ms: float | None
+    peak_mem_bytes: int | None
+    device: str
+    roofline_fraction: float | None
+    dtype: str = "bfloat16"
+    note: str = ""
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Peak bytes of tensor storage allocated while active and still alive (CPU memory accounting).
+
+    An op's output storage counts as new unless it is the storage of one of the op's inputs (views, in-place and
+    ``out=`` ops); it stops counting when the storage is freed (``weakref.finalize`` on the storage object, which
+    torch keeps alive exactly as long as the C++ storage)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+
+    def _free(self, nbytes: int) -> None:
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        out = func(*args, **kwargs)
+        for t in tree_leaves(out):
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()
+            if storage.data_ptr() in inputs or storage.nbytes() == 0:
+                continue
+            inputs.add(storage.data_ptr())
+            self.live += storage.nbytes()
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(storage, self._free, storage.nbytes())
+        return out
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_ms(fn: Callable[[], None], device: torch.device) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return (time.perf_counter() - t0) * 1e3
+
+
+def _peak_bytes(fn: Callable[[], None], device: torch.device) -> int:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return int(torch.cuda.max_memory_allocated(device) - base)
+    with LiveTensorBytes() as tracker:
+        fn()
+    return int(tracker.peak)
+
+
+def copy_bandwidth(device: torch.device, repeats: int) -> float:
+    """Bytes/s of a device-to-device copy (read + write counted), median of ``repeats``."""
+    nbytes = (2 << 30) if device.type == "cuda" else (256 << 20)
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = [_time_ms(lambda: dst.copy_(src), device) for _ in range(repeats)]
+    return 2 * nbytes / (statistics.median(times) / 1e3)
+
+
+def minimal_bytes(op: str, n: int, v: int, elem: int) -> int:
+    """Bytes an ideal kernel must move: forward + backward read the logits twice and write the gradient once."""
+    return (1 if op == "topk" else 3) * n * v * elem
+
+
+@dataclasses.dataclass
+class Inputs:
+    logits: torch.Tensor  # [N, V] requires grad
+    labels: torch.Tensor  # [N]
+    ids: torch.Tensor | None = None  # [N, K] support ids (random)
+    teacher_logp: torch.Tensor | None = None  # [N, K]
+    k: int = 0
+
+
+def make_inputs(n: int, v: int, device: torch.device, dtype: torch.dtype, seed: int = 0) -> Inputs:
+    """Random logits (std 2) and labels."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    logits = (torch.randn(n, v, device=device, dtype=dtype, generator=g) * 2).requires_grad_(True)
+    return Inputs(logits, torch.randint(0, v, (n,), device=device, generator=g))
+
+
+def with_support(x: Inputs, k: int, seed: int = 0) -> Inputs:
+    """The same logits with K random support ids and teacher log-probs (a sub-distribution: Σ_K p < 1)."""
+    n, v = x.logits.shape
+    g = torch.Generator(device=x.logits.device).manual_seed(seed + k)
+    ids = torch.randint(0, v, (n, k), device=x.logits.device, generator=g)
+    teacher = torch.log_softmax(torch.randn(n, k, device=x.logits.device, generator=g), -1) - 0.5
+    return Inputs(x.logits, x.labels, ids, teacher, k)
+
+
+def _torch_logp(z: torch.Tensor) -> torch.Tensor:
+    return torch.log_softmax(z.float(), dim=-1)
+
+
+def _liger_ce() -> Callable | None:
+    try:
+        from liger_kernel.transformers import LigerCrossEntropyLoss
+    except ImportError:
+        return None
+    return LigerCrossEntropyLoss(reduction="sum")
+
+
+def _megatron_ce() -> Callable | None:
+    """Megatron-Core's vocab-parallel cross entropy with a one-rank TP group (set up here if needed)."""
+    try:
+        from megatron.core import parallel_state
+        from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+    except ImportError:
+        return None
+    if not parallel_state.model_parallel_is_initialized():
+        from megatron_opd.platform.distributed import ParallelSizes, init_distributed, init_model_parallel
+
+        os.environ.setdefault("MASTER_PORT", "0")
+        init_distributed()
+        init_model_parallel(ParallelSizes())
+    return vocab_parallel_cross_entropy
+
+
+def build_run(op: str, impl: str, x: Inputs) -> tuple[Callable[[], None] | None, str]:
+    """The callable running ``op`` with ``impl`` once (forward, and backward where the op has one), or
+    ``(None, why)`` when the implementation does not exist here."""
+    z, labels, ids, teacher = x.logits, x.labels, x.ids, x.teacher_logp
+
+    def backward(loss: torch.Tensor) -> None:
+        z.grad = None
+        loss.backward()
+
+    if impl == "ours":
+        if op == "logprob_entropy":
+            return lambda: backward(_loss_lp_ent(*token_logprobs(z, labels)[:2])), ""
+        if op == "topk_kl":
+            return lambda: backward(_loss_kl(token_logprobs(z, labels, ids), teacher)), ""
+        return lambda: topk_logprobs(z.detach(), x.k), ""
+    if impl == "torch":
+        if op == "logprob_entropy":
+            return lambda: backward(_loss_lp_ent(*_torch_lp_ent(z, labels))), ""
+        if op == "topk_kl":
+            return lambda: backward(_loss_kl_torch(z, labels, ids, teacher)), ""
+
+        def topk() -> None:
+            with torch.no_grad():
+                torch.topk(_torch_logp(z), x.k, dim=-1)
+
+        return topk, ""
+    if op != "logprob_entropy":
+        return None, f"{impl} has no comparable op"
+    if impl == "liger":
+        ce = _liger_ce() if z.is_cuda else None
+        if ce is None:
+            return None, "liger-kernel not importable (or no CUDA)"
+        return lambda: backward(ce(z, labels)), "cross entropy only (no entropy)"
+    ce = _megatron_ce()
+    if ce is None:
+        return None, "megatron-core not importable"
+    return lambda: backward(ce(z, labels).sum()), "cross entropy only (no entropy)"
+
+
+def _torch_lp_ent(z: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    logp = _torch_logp(z)
+    return logp.gather(1, labels.unsqueeze(1)).squeeze(1), -(logp.exp() * logp).sum(-1)
+
+
+def _loss_lp_ent(label_logprob: torch.Tensor, entropy: torch.Tensor) -> torch.Tensor:
+    return -label_logprob.sum() - 0.01 * entropy.sum()
+
+
+def _loss_kl(out, teacher: torch.Tensor) -> torch.Tensor:
+    return support_divergence(out.ids_logprob, teacher, 0.0).sum() - out.label_logprob.sum()
+
+
+def _loss_kl_torch(z, labels, ids, teacher) -> torch.Tensor:
+    logp = _torch_logp(z)
+    d = support_divergence(logp.gather(1, ids), teacher, 0.0)
+    return d.sum() - logp.gather(1, labels.unsqueeze(1)).sum()
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def measure(
+    op: str, impl: str, x: Inputs, device: torch.device, warmup: int, repeats: int
+) -> tuple[float | None, int | None, str]:
+    """(median ms, peak bytes, note) of one available (op, impl); ``(None, None, "out of memory")`` on OOM."""
+    run, note = build_run(op, impl, x)
+    try:
+        for _ in range(warmup):
+            run()
+        times = [_time_ms(run, device) for _ in range(repeats)]
+        peak = _peak_bytes(run, device)
+    except torch.OutOfMemoryError:
+        return None, None, "out of memory"
+    finally:
+        x.logits.grad = None
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return statistics.median(times), peak, note
+
+
+def run_matrix(args: argparse.Namespace) -> list[Record]:
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    name = _device_name(device)
+    bandwidth = copy_bandwidth(device, args.repeats)
+    print(
+        f"device: {name}; copy bandwidth {bandwidth / 1e9:.1f} GB/s; dtype {args.dtype}; "
+        f"median of {args.repeats} runs after {args.warmup} warm-up",
+        flush=True,
+    )
+    probe = with_support(make_inputs(2, 8, device, dtype), 1)
+    for impl in args.impls:
+        if all(build_run(op, impl, probe)[0] is None for op in args.ops):
+            print(f"skipping {impl}: {build_run(args.ops[0], impl, probe)[1]}", flush=True)
+    records: list[Record] = []
+    for n in args.n:
+        for v in args.widths:
+            base = make_inputs(n, v, device, dtype)
+            for k in args.k:
+                x = with_support(base, k)
+                for op in args.ops:
+                    if op == "logprob_entropy" and k != args.k[0]:
+                        continue  # K does not enter this op: measured once per (N, V)
+                    for impl in args.impls:
+                        if build_run(op, impl, x)[0] is None:
+                            continue  # not available here, or no comparable op
+                        t, peak, note = measure(op, impl, x, device, args.warmup, args.repeats)
+                        roof = None if t is None else minimal_bytes(op, n, v, x.logits.element_size()) / (t / 1e3)
+                        records.append(
+                            Record(
+                                op=op,
+                                impl=impl,
+                                n=n,
+                                v=v,
+                                k=0 if op == "logprob_entropy" else k,
+                                tp=max(1, round(args.vocab / v)),
+                                time_ms=t,
+                                peak_mem_bytes=peak,
+                                device=name,
+                                roofline_fraction=None if roof is None else roof / bandwidth,
+                                dtype=args.dtype,
+                                note=note,
+                            )
+                        )
+                        print(_row(records[-1], records), flush=True)
+            del base, x
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return records
+
+
+def _row(rec: Record, records: list[Record]) -> str:
+    """One line of the table, with time and memory ratios against the plain-torch record of the same case."""
+    base = next((r for r in records if (r.op, r.n, r.v, r.k, r.impl) == (rec.op, rec.n, rec.v, rec.k, "torch")), None)
+    t = "-" if rec.time_ms is None else f"{rec.time_ms:9.2f}"
+    mem = "-" if rec.peak_mem_bytes is None else f"{rec.peak_mem_bytes / 2**20:9.1f}"
+    roof = "-" if rec.roofline_fraction is None else f"{rec.roofline_fraction:5.2f}"
+    speed = ratio = "-"
+    if base is not None and base is not rec and base.time_ms and rec.time_ms:
+        speed = f"{base.time_ms / rec.time_ms:5.2f}x"
+    if base is not None and base is not rec and base.peak_mem_bytes and rec.peak_mem_bytes:
+        ratio = f"{base.peak_mem_bytes / rec.peak_mem_bytes:5.2f}x"
+    return (
+        f"{rec.op:16s} n={rec.n:<6d} v={rec.v:<7d}(tp{rec.tp}) k={rec.k:<3d} {rec.impl:9s} "
+        f"time_ms={t} peak_MiB={mem} roofline={roof} torch/this: time {speed} mem {ratio} {rec.note}"
+    )
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="opd bench kernels", description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
+    p.add_argument("--n", type=_ints, help="tokens per call, comma-separated (default: the device's matrix)")
+    p.add_argument("--widths", type=_ints, help="TP-local vocab widths V_local, comma-separated")
+    p.add_argument("--k", type=_ints, help="support / top-K sizes, comma-separated")
+    p.add_argument("--vocab", type=int, default=VOCAB, help="global vocabulary (tp = vocab / width)")
+    p.add_argument("--ops", type=_names(OPS), default=list(OPS), help=f"subset of {','.join(OPS)}")
+    p.add_argument("--impls", type=_names(IMPLS), default=list(IMPLS), help=f"subset of {','.join(IMPLS)}")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per record (>= 5)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed runs first (default 3 on CUDA, 1 on CPU)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--json", metavar="PATH", help="write the records as a JSON list")
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device here; use --device cpu")
+    if args.repeats < 5:
+        p.error(f"--repeats {args.repeats}: use at least 5 (medians of >= 5 runs)")
+    matrix = GPU_MATRIX if args.device == "cuda" else CPU_MATRIX
+    for key in ("n", "widths", "k"):
+        if getattr(args, key) is None:
+            setattr(args, key, matrix[key])
+    if args.warmup is None:
+        args.warmup = 3 if args.device == "cuda" else 1
+    return args
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(t) for t in text.split(",") if t]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers, e.g. 4096,16384") from None
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected positive integers")
+    return values
+
+
+def _names(choices: tuple[str, ...]) -> Callable[[str], list[str]]:
+    def parse(text: str) -> list[str]:
+        names = [t for t in text.split(",") if t]
+        bad = [t for t in names if t not in choices]
+        if bad or not names:
+            raise argparse.ArgumentTypeError(f"{text!r}: choose from {','.join(choices)}")
+        return names
+
+    return parse
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(list(argv or []))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    records = run_matrix(args)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump([dataclasses.asdict(r) for r in records], f, indent=1)
+        print(f"wrote {len(records)} records to {args.json}")
+    return 0

@@ -8,7 +8,8 @@ upgrade that changes them is caught:
 
 1. ``device="cuda"`` / ``device=torch.cuda.current_device()`` (an int) in tensor factories
    (``torch.empty``, ``torch.zeros``, ...), ``Tensor.new_*``, ``Tensor.to`` and ``Tensor.cuda``:
-   the device argument is rewritten to CPU (process-wide, every thread, backward included).
+   the device argument is rewritten to CPU (process-wide, every thread, backward included);
+   a ``with torch.device(...)`` default-device context still applies to them.
 2. CUDA RNG state (``torch.cuda.get_rng_state/set_rng_state/manual_seed`` and megatron's
    ``_get_cuda_rng_state``/``_set_cuda_rng_state``): mapped to the CPU default generator.
 3. ``torch.cuda.current_device``/``device_count``/``synchronize``/``Stream``/memory queries:
@@ -91,6 +92,12 @@ def _patch_tensor_methods() -> None:
 
 
 def _patch_factories() -> None:
+    # ``with torch.device("meta")`` (megatron's and transformers' meta-device init) matches the
+    # builtin factories against a set it builds, and caches, on first use: build it now, while
+    # ``torch.empty`` & co. are still the builtins the wrappers below end up calling.
+    from torch.utils._device import _device_constructors
+
+    _device_constructors()
     for name in _FACTORIES:
         fn = getattr(torch, name, None)
         if fn is not None and not getattr(fn, "__opd_cpu_compat__", False):

@@ -3,6 +3,9 @@ own so a megatron-core or torch upgrade that changes one is caught (see platform
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -96,3 +99,17 @@ def test_te_general_gemm_bound_without_transformer_engine() -> None:
     from megatron.core.transformer.moe import moe_utils
 
     assert hasattr(moe_utils, "te_general_gemm")
+
+
+def test_default_device_context_applies_to_patched_factories() -> None:
+    # In a fresh process, so the torch's cache of default-device factories is first built after
+    # activate() (as in a spawned rank building a meta-device model).
+    code = (
+        "import torch\n"
+        "from megatron_opd.platform import cpu_compat\n"
+        "assert cpu_compat.activate()\n"
+        "with torch.device('meta'):\n"
+        "    assert torch.empty(2).is_meta and torch.zeros(2, device='cuda').is_cpu\n"
+        "    assert torch.nn.Linear(2, 2).weight.is_meta\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -5,10 +5,12 @@ Ops (bf16 logits ``[N, V_local]``, one TP rank's shard simulated on one device; 
 - ``topk_kl``: forward + backward of the label log-prob plus the forward KL on a K-entry teacher support
   (``token_logprobs(ids=...)`` -> ``support_divergence``: AOPD / LSM / top-K GKD's student side).
 - ``topk``: forward-only global top-K ids and log-probs (teacher scoring).
+- ``lmhead``: ``logprob_entropy`` from hidden states ``[N, --hidden]`` and the LM-head shard (``ours`` =
+  ``linear_token_logprobs``, no logits tensor); matmul-bound, so no roofline fraction. CUDA default only.
 
 Implementations: ``ours`` (``megatron_opd.kernels``: Triton on CUDA, the chunked torch path on CPU), ``torch``
-(plain fp32 ``log_softmax`` + ``gather``/``topk``), ``liger`` (Liger-Kernel's cross entropy, when importable and on
-CUDA: label log-prob only, no entropy) and ``megatron`` (Megatron-Core's ``vocab_parallel_cross_entropy``, when
+(plain fp32 ``log_softmax`` + ``gather``/``topk``), ``liger`` (Liger-Kernel's cross entropy / fused linear cross
+entropy, when importable and on CUDA: label log-prob only, no entropy) and ``megatron`` (Megatron-Core's ``vocab_parallel_cross_entropy``, when
 importable: label log-prob only).
 
 Each record: the median of ``--repeats`` (>= 5) timed runs after ``--warmup`` runs; the peak memory of one more run
@@ -36,9 +38,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from megatron_opd.kernels import support_divergence, token_logprobs, topk_logprobs
+from megatron_opd.kernels import linear_token_logprobs, support_divergence, token_logprobs, topk_logprobs
 
-OPS = ("logprob_entropy", "topk_kl", "topk")
+OPS = ("logprob_entropy", "topk_kl", "topk", "lmhead")
+CPU_OPS = ("logprob_entropy", "topk_kl", "topk")  # a [256 x 2048] x [2048 x 151936] bf16 matmul is slow on 2 cores
 IMPLS = ("torch", "ours", "liger", "megatron")  # torch first: the others' lines print their ratios to it
 VOCAB = 151936
 GPU_MATRIX = dict(n=[4096, 16384, 32768], widths=[151936, 37984], k=[32, 64])
@@ -132,8 +135,11 @@ def copy_bandwidth(device: torch.device, repeats: int) -> float:
     return 2 * nbytes / (statistics.median(times) / 1e3)
 
 
-def minimal_bytes(op: str, n: int, v: int, elem: int) -> int:
-    """Bytes an ideal kernel must move: forward + backward read the logits twice and write the gradient once."""
+def minimal_bytes(op: str, n: int, v: int, elem: int) -> int | None:
+    """Bytes an ideal kernel must move: forward + backward read the logits twice and write the gradient once;
+    ``None`` for the matmul-bound fused LM head."""
+    if op == "lmhead":
+        return None
     return (1 if op == "topk" else 3) * n * v * elem
 
 
@@ -144,13 +150,22 @@ class Inputs:
     ids: torch.Tensor | None = None  # [N, K] support ids (random)
     teacher_logp: torch.Tensor | None = None  # [N, K]
     k: int = 0
+    hidden: torch.Tensor | None = None  # [N, H] requires grad (lmhead)
+    weight: torch.Tensor | None = None  # [V, H] requires grad (lmhead)
 
 
-def make_inputs(n: int, v: int, device: torch.device, dtype: torch.dtype, seed: int = 0) -> Inputs:
-    """Random logits (std 2) and labels."""
+def make_inputs(
+    n: int, v: int, device: torch.device, dtype: torch.dtype, hidden_size: int = 0, seed: int = 0
+) -> Inputs:
+    """Random logits (std 2) and labels; with ``hidden_size``, hidden states and an LM head giving logits of std ~2."""
     g = torch.Generator(device=device).manual_seed(seed)
     logits = (torch.randn(n, v, device=device, dtype=dtype, generator=g) * 2).requires_grad_(True)
-    return Inputs(logits, torch.randint(0, v, (n,), device=device, generator=g))
+    x = Inputs(logits, torch.randint(0, v, (n,), device=device, generator=g))
+    if hidden_size:
+        x.hidden = torch.randn(n, hidden_size, device=device, dtype=dtype, generator=g).requires_grad_(True)
+        w = torch.randn(v, hidden_size, device=device, dtype=dtype, generator=g) * (2 / hidden_size**0.5)
+        x.weight = w.requires_grad_(True)
+    return x
 
 
 def with_support(x: Inputs, k: int, seed: int = 0) -> Inputs:
@@ -159,7 +174,7 @@ def with_support(x: Inputs, k: int, seed: int = 0) -> Inputs:
     g = torch.Generator(device=x.logits.device).manual_seed(seed + k)
     ids = torch.randint(0, v, (n, k), device=x.logits.device, generator=g)
     teacher = torch.log_softmax(torch.randn(n, k, device=x.logits.device, generator=g), -1) - 0.5
-    return Inputs(x.logits, x.labels, ids, teacher, k)
+    return dataclasses.replace(x, ids=ids, teacher_logp=teacher, k=k)
 
 
 def _torch_logp(z: torch.Tensor) -> torch.Tensor:
@@ -196,9 +211,13 @@ def build_run(op: str, impl: str, x: Inputs) -> tuple[Callable[[], None] | None,
     z, labels, ids, teacher = x.logits, x.labels, x.ids, x.teacher_logp
 
     def backward(loss: torch.Tensor) -> None:
-        z.grad = None
+        for t in (z, x.hidden, x.weight):
+            if t is not None:
+                t.grad = None
         loss.backward()
 
+    if op == "lmhead":
+        return _lmhead_run(impl, x, backward)
     if impl == "ours":
         if op == "logprob_entropy":
             return lambda: backward(_loss_lp_ent(*token_logprobs(z, labels)[:2])), ""
@@ -227,6 +246,24 @@ def build_run(op: str, impl: str, x: Inputs) -> tuple[Callable[[], None] | None,
     if ce is None:
         return None, "megatron-core not importable"
     return lambda: backward(ce(z, labels).sum()), "cross entropy only (no entropy)"
+
+
+def _lmhead_run(impl: str, x: Inputs, backward: Callable[[torch.Tensor], None]) -> tuple[Callable | None, str]:
+    h, w, labels = x.hidden, x.weight, x.labels
+    if h is None:
+        return None, "no hidden states (run with --hidden > 0)"
+    if impl == "ours":
+        return lambda: backward(_loss_lp_ent(*linear_token_logprobs(h, w, labels)[:2])), ""
+    if impl == "torch":
+        return lambda: backward(_loss_lp_ent(*_torch_lp_ent(h @ w.t(), labels))), ""
+    if impl == "liger" and h.is_cuda:
+        try:
+            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+        except ImportError:
+            return None, "liger-kernel not importable"
+        ce = LigerFusedLinearCrossEntropyLoss(reduction="sum")
+        return lambda: backward(ce(w, h, labels)), "fused linear cross entropy only (no entropy)"
+    return None, f"{impl} has no comparable op"
 
 
 def _torch_lp_ent(z: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -284,36 +321,37 @@ def run_matrix(args: argparse.Namespace) -> list[Record]:
         f"median of {args.repeats} runs after {args.warmup} warm-up",
         flush=True,
     )
-    probe = with_support(make_inputs(2, 8, device, dtype), 1)
+    probe = with_support(make_inputs(2, 8, device, dtype, hidden_size=4), 1)
     for impl in args.impls:
         if all(build_run(op, impl, probe)[0] is None for op in args.ops):
             print(f"skipping {impl}: {build_run(args.ops[0], impl, probe)[1]}", flush=True)
     records: list[Record] = []
     for n in args.n:
         for v in args.widths:
-            base = make_inputs(n, v, device, dtype)
+            base = make_inputs(n, v, device, dtype, hidden_size=args.hidden if "lmhead" in args.ops else 0)
             for k in args.k:
                 x = with_support(base, k)
                 for op in args.ops:
-                    if op == "logprob_entropy" and k != args.k[0]:
+                    if op in ("logprob_entropy", "lmhead") and k != args.k[0]:
                         continue  # K does not enter this op: measured once per (N, V)
                     for impl in args.impls:
                         if build_run(op, impl, x)[0] is None:
                             continue  # not available here, or no comparable op
                         t, peak, note = measure(op, impl, x, device, args.warmup, args.repeats)
-                        roof = None if t is None else minimal_bytes(op, n, v, x.logits.element_size()) / (t / 1e3)
+                        ideal = minimal_bytes(op, n, v, x.logits.element_size())
+                        roof = None if t is None or ideal is None else ideal / (t / 1e3) / bandwidth
                         records.append(
                             Record(
                                 op=op,
                                 impl=impl,
                                 n=n,
                                 v=v,
-                                k=0 if op == "logprob_entropy" else k,
+                                k=0 if op in ("logprob_entropy", "lmhead") else k,
                                 tp=max(1, round(args.vocab / v)),
                                 time_ms=t,
                                 peak_mem_bytes=peak,
                                 device=name,
-                                roofline_fraction=None if roof is None else roof / bandwidth,
+                                roofline_fraction=roof,
                                 dtype=args.dtype,
                                 note=note,
                             )
@@ -350,7 +388,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--widths", type=_ints, help="TP-local vocab widths V_local, comma-separated")
     p.add_argument("--k", type=_ints, help="support / top-K sizes, comma-separated")
     p.add_argument("--vocab", type=int, default=VOCAB, help="global vocabulary (tp = vocab / width)")
-    p.add_argument("--ops", type=_names(OPS), default=list(OPS), help=f"subset of {','.join(OPS)}")
+    p.add_argument("--ops", type=_names(OPS), help=f"subset of {','.join(OPS)} (CPU default: no lmhead)")
+    p.add_argument("--hidden", type=int, default=2048, help="hidden size for lmhead (Qwen3-1.7B: 2048)")
     p.add_argument("--impls", type=_names(IMPLS), default=list(IMPLS), help=f"subset of {','.join(IMPLS)}")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--repeats", type=int, default=5, help="timed runs per record (>= 5)")
@@ -366,6 +405,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     for key in ("n", "widths", "k"):
         if getattr(args, key) is None:
             setattr(args, key, matrix[key])
+    if args.ops is None:
+        args.ops = list(OPS if args.device == "cuda" else CPU_OPS)
     if args.warmup is None:
         args.warmup = 3 if args.device == "cuda" else 1
     return args

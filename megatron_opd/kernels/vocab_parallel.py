@@ -42,6 +42,10 @@ class RowStats(NamedTuple):
     label_x: Tensor  # [N] x at the label (0 where no rank owns it)
     ids_x: Tensor | None  # [N, K]
 
+    def saved(self) -> Tensor:
+        """``[N, 3]`` (max, log-sum, entropy): all that backward needs of the forward."""
+        return torch.stack([self.row_max, self.log_sum, self.entropy], dim=1)
+
     def logprob(self, x: Tensor) -> Tensor:
         """``log p`` for values ``x`` of shape [N] or [N, K]."""
         if x.dim() == 2:

@@ -8,7 +8,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from megatron_opd.kernels import token_logprobs, topk_logprobs
+from megatron_opd.kernels import linear_token_logprobs, token_logprobs, topk_logprobs
 from megatron_opd.kernels.reference import token_logprobs_reference
 
 
@@ -82,6 +82,35 @@ def ours_with_grad(logits, labels, ids, temperature: float, **kw):
     return out, z.grad
 
 
+def make_linear_case(seed: int, n: int, h: int, v: int, k: int | None, dtype: torch.dtype):
+    """Hidden states [n, h] and an LM-head weight [v, h] whose logits have std ~3; labels/ids as ``make_case``."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=g, dtype=torch.float64).to(dtype)
+    weight = (torch.randn(v, h, generator=g, dtype=torch.float64) * 3 / h**0.5).to(dtype)
+    _, labels, ids = make_case(seed, n, v, k, ignore=True)
+    return hidden, weight, labels, ids
+
+
+def linear_reference_with_grad(hidden, weight, labels, ids, temperature: float):
+    """Float64 reference of the fused LM head: logits rounded to the inputs' dtype as the matmul does (values),
+    differentiated as the exact product (straight-through rounding)."""
+    h = hidden.detach().double().requires_grad_(True)
+    w = weight.detach().double().requires_grad_(True)
+    exact = h @ w.t()
+    logits = exact + (exact.detach().to(hidden.dtype).double() - exact.detach())
+    ref = token_logprobs_reference(logits, labels, ids, temperature=temperature)
+    weighted_sum(ref, loss_weights(labels.shape[0], None if ids is None else ids.shape[1])).backward()
+    return ref, h.grad, w.grad
+
+
+def linear_ours_with_grad(hidden, weight, labels, ids, temperature: float, **kw):
+    h = hidden.detach().clone().requires_grad_(True)
+    w = weight.detach().clone().requires_grad_(True)
+    out = linear_token_logprobs(h, w, labels, ids, temperature=temperature, **kw)
+    weighted_sum(out, loss_weights(labels.shape[0], None if ids is None else ids.shape[1])).backward()
+    return out, h.grad, w.grad
+
+
 def assert_close_outputs(out, ref, atol: float) -> None:
     for name, a, b in zip(("label_logprob", "entropy", "ids_logprob"), out, ref):
         if b is None:
@@ -101,10 +130,12 @@ def assert_close_grad(grad, ref_grad, dtype: torch.dtype) -> None:
     torch.testing.assert_close(grad.double(), ref_grad, atol=tol, rtol=1e-2 if dtype != torch.float32 else 1e-4)
 
 
-def tp_worker(cases: list[tuple]) -> bytes:
-    """One TP rank, for each ``(backend, logits, labels, ids, temperature, k, splits)``: its shard's outputs,
-    gradient and global top-k (even split, or ``splits`` widths). Serialized: tensors sent through the result
-    queue would be shared by file descriptor with a process that has exited."""
+def tp_worker(cases: list[tuple], linear_cases: list[tuple]) -> bytes:
+    """One TP rank. For each ``(backend, logits, labels, ids, temperature, k, splits)``: its shard's outputs,
+    gradient and global top-k (even split, or ``splits`` widths); for each ``(backend, hidden, weight, labels, ids,
+    temperature, chunk)``: the fused LM head's outputs and gradients with this rank's (even) weight shard.
+    Serialized: tensors sent through the result queue would be shared by file descriptor with a process that has
+    exited."""
     rank, world = dist.get_rank(), dist.get_world_size()
     results = []
     for backend, logits, labels, ids, temperature, k, splits in cases:
@@ -117,6 +148,13 @@ def tp_worker(cases: list[tuple]) -> bytes:
         out, grad = ours_with_grad(shard, labels, ids, temperature, **kw)
         top = topk_logprobs(shard, k, temperature=temperature, **kw)
         results.append({"out": [None if t is None else t.detach() for t in out], "grad": grad, "topk": top})
+    for backend, hidden, weight, labels, ids, temperature, chunk in linear_cases:
+        os.environ["OPD_KERNELS"] = backend
+        w = weight.chunk(world)[rank].contiguous()
+        out, d_h, d_w = linear_ours_with_grad(
+            hidden, w, labels, ids, temperature, tp_group=dist.group.WORLD, chunk_tokens=chunk
+        )
+        results.append({"out": [None if t is None else t.detach() for t in out], "d_hidden": d_h, "d_weight": d_w})
     buf = io.BytesIO()
     torch.save(results, buf)
     return buf.getvalue()

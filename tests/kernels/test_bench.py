@@ -50,3 +50,14 @@ def test_cli_writes_records(tmp_path, monkeypatch) -> None:
         assert mem[(op, "ours")] < grad_bytes + (2 * 4 + 1) * (1 << 16) + 32 * 1024
     assert mem[("topk", "torch")] > 3 * mem[("topk", "ours")]
     assert minimal_bytes("topk", 128, 4096, 2) == grad_bytes and minimal_bytes("topk_kl", 2, 3, 2) == 36
+
+
+def test_cli_lmhead_op(tmp_path) -> None:
+    out = tmp_path / "lm.json"
+    args = "--device cpu --n 48 --widths 300 --k 4 --hidden 16 --ops lmhead --impls torch,ours --repeats 5 --json"
+    assert main([*args.split(), str(out)]) == 0
+    records = json.loads(out.read_text())
+    assert [(r["op"], r["impl"], r["k"], r["roofline_fraction"]) for r in records] == [
+        ("lmhead", "torch", 0, None),
+        ("lmhead", "ours", 0, None),
+    ]

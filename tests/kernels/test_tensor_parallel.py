@@ -1,5 +1,6 @@
 """TP=2 over gloo: each rank holds a vocab shard; outputs equal the float64 full-vocab reference on every rank,
-the concatenated shard gradients equal the reference gradient, and the global top-k is the same on both ranks.
+the concatenated shard gradients equal the reference gradient, and the global top-k is the same on both ranks;
+likewise for the fused LM head (hidden-state gradient summed over the group, weight-shard gradients concatenated).
 All cases run in one spawned world (starting one costs ~15 s on this machine)."""
 
 from __future__ import annotations
@@ -8,8 +9,10 @@ import torch
 from kernel_cases import (
     assert_close_grad,
     assert_close_outputs,
+    linear_reference_with_grad,
     load_result,
     make_case,
+    make_linear_case,
     reference_with_grad,
     tp_worker,
 )
@@ -24,6 +27,11 @@ CASES = {
     "triton_even_fp32": ("triton", 5, 44, 3, 4, torch.float32, 1.2, None),
     "triton_uneven_bf16": ("triton", 6, 70, 6, 3, torch.bfloat16, 1.0, [38, 32]),
 }
+# fused LM head: name -> (backend, n, hidden, v, k_ids, dtype, temperature, chunk_tokens)
+LINEAR_CASES = {
+    "linear_torch_fp32": ("torch", 7, 12, 40, 3, torch.float32, 0.9, 3),
+    "linear_triton_bf16": ("triton", 5, 8, 36, 2, torch.bfloat16, 1.0, 2),
+}
 
 
 def test_tp2_matches_full_vocab_reference() -> None:
@@ -31,8 +39,11 @@ def test_tp2_matches_full_vocab_reference() -> None:
         name: make_case(i, c[1], c[2], c[3], dtype=c[5], neg_inf=True) for i, (name, c) in enumerate(CASES.items())
     }
     work = [(c[0], *inputs[name], c[6], c[4], c[7]) for name, c in CASES.items()]
+    linear_inputs = {name: make_linear_case(i, *c[1:6]) for i, (name, c) in enumerate(LINEAR_CASES.items())}
+    linear_work = [(c[0], *linear_inputs[name], c[6], c[7]) for name, c in LINEAR_CASES.items()]
     env = {"TRITON_INTERPRET": "1", "OPD_TRITON_BLOCK_V": "16"}
-    per_rank = [load_result(p) for p in spawn_world(tp_worker, 2, work, env=env, timeout_s=600)]
+    payloads = spawn_world(tp_worker, 2, work, linear_work, env=env, timeout_s=600)
+    per_rank = [load_result(p) for p in payloads]
     for i, (name, (_, _, _, _, k_top, dtype, temperature, _)) in enumerate(CASES.items()):
         logits, labels, ids = inputs[name]
         ref, ref_grad = reference_with_grad(logits, labels, ids, temperature)
@@ -47,3 +58,10 @@ def test_tp2_matches_full_vocab_reference() -> None:
         for a, b in zip(r0["out"] + list(r0["topk"]), r1["out"] + list(r1["topk"])):
             assert (a is None and b is None) or torch.equal(a, b), f"{name}: ranks differ"
         assert_close_grad(torch.cat([r0["grad"], r1["grad"]], dim=1), ref_grad, dtype)
+    for i, (name, (_, _, _, _, _, dtype, temperature, _)) in enumerate(LINEAR_CASES.items(), start=len(CASES)):
+        ref, ref_dh, ref_dw = linear_reference_with_grad(*linear_inputs[name], temperature)
+        r0, r1 = per_rank[0][i], per_rank[1][i]
+        for r in (r0, r1):
+            assert_close_outputs(r["out"], ref, atol=3e-5 if dtype == torch.float32 else 2e-3)
+            assert_close_grad(r["d_hidden"], ref_dh, dtype)  # summed over the TP group
+        assert_close_grad(torch.cat([r0["d_weight"], r1["d_weight"]]), ref_dw, dtype)

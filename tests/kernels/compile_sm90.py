@@ -97,6 +97,18 @@ def compile_one(fn, signature: dict[str, str], constexprs: dict) -> dict:
     }
 
 
+# variants: the same kernels on fp32 logits without ids / top-k (other constexpr branches)
+KERNELS["row_stats_fp32_plain"] = (
+    tb._row_stats_kernel,
+    KERNELS["row_stats"][1] | {"logits_ptr": "*fp32"},
+    KERNELS["row_stats"][2] | {"BLOCK_K": 1, "GROUP": 1, "HAS_IDS": False, "WRITE_GROUP_MAX": False},
+)
+KERNELS["grad_fp32_noids"] = (
+    tb._grad_kernel,
+    KERNELS["grad"][1] | {"logits_ptr": "*fp32", "grad_ptr": "*fp32"},
+    KERNELS["grad"][2] | {"BLOCK_K": 1, "HAS_IDS": False},
+)
+
 if __name__ == "__main__":
     name = sys.argv[1]
     fn, signature, constexprs = KERNELS[name]

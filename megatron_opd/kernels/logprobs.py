@@ -3,9 +3,9 @@
 
 Forward reads the logits shard once (``dispatch.backend_for(...).row_stats``), reduces the per-row statistics over
 the TP group (``vocab_parallel.reduce_row_stats``) and returns full-vocab-normalized values. Saved for backward:
-the logits (the caller's tensor, no copy), labels/ids and three fp32 scalars per row (max, log-sum, H). Backward reads the
-logits once more and writes dlogits in their dtype; it needs no collective, as every rank holds the same outputs
-and hence the same upstream gradients.
+the logits (the caller's tensor, no copy), labels/ids and three fp32 scalars per row (max, log-sum, H). Backward
+reads the logits once more and writes dlogits in their dtype; it needs no collective, as every rank holds the same
+outputs and hence the same upstream gradients.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from megatron_opd.platform.spawn import spawn_world
 # name -> (backend, n, v, k_ids, k_top, dtype, temperature, splits)
 CASES = {
     "torch_even_bf16": ("torch", 6, 48, 5, 6, torch.bfloat16, 0.8, None),
-    "torch_uneven_fp32": ("torch", 5, 37, 4, 5, torch.float32, 1.0, [20, 17]),
+    "torch_uneven_fp32": ("torch", 5, 37, 4, 8, torch.float32, 1.0, [30, 7]),  # rank 1's shard narrower than k
     "triton_even_fp32": ("triton", 5, 44, 3, 4, torch.float32, 1.2, None),
     "triton_uneven_bf16": ("triton", 6, 70, 6, 3, torch.bfloat16, 1.0, [38, 32]),
 }

@@ -1,0 +1,62 @@
+"""Fixtures of the launcher tests: a real Slurm cluster on localhost and the environment a job needs."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.launch.slurm_cluster import SlurmCluster, SlurmUnavailable, ensure_packages, free_port
+
+REPO = Path(__file__).resolve().parents[2]
+DEMO_CONFIG = REPO / "configs" / "demo" / "cpu.yaml"
+NODES = ["n1", "n2"]  # emulated nodes: a 2-node job has a Ray head and a Ray worker (or a rollout node)
+
+
+@pytest.fixture(scope="session")
+def slurm() -> Iterator[SlurmCluster]:
+    """munged + slurmctld + one slurmd per node, stopped at the end with nothing left behind."""
+    try:
+        ensure_packages()
+    except SlurmUnavailable as e:
+        pytest.skip(str(e))
+    # not under pytest's 0700 base directory: munged wants every directory above its socket reachable by all
+    root = Path(tempfile.mkdtemp(prefix="opd-slurm-"))
+    cluster = SlurmCluster(root, NODES)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        left = cluster.stop()
+    assert not left, "processes left behind by the Slurm test cluster or its jobs:\n" + "\n".join(left)
+    shutil.rmtree(root)
+
+
+@pytest.fixture
+def job_env(tmp_path: Path) -> Iterator[dict[str, str]]:
+    """OPD_* knobs for a test job: this interpreter's environment, ports and a Ray directory of its own (other
+    Ray clusters may run on this machine at the same time)."""
+    venv = Path(sys.prefix)
+    env = {
+        "OPD_VENV": str(venv) if (venv / "bin" / "activate").is_file() else "",
+        "OPD_RAY_PORT": str(free_port()),
+        "OPD_RAY_CLIENT_PORT": str(free_port()),
+        "OPD_RAY_AGENT_PORT": str(free_port()),
+        "OPD_RAY_TMPDIR": f"/tmp/opd-ray-{uuid.uuid4().hex[:8]}",  # short: Ray's socket paths must fit 107 bytes
+        "OPD_LOG_DIR": str(tmp_path / "logs"),
+        "OMP_NUM_THREADS": "1",  # two cores shared by every process of the job
+    }
+    yield env
+    shutil.rmtree(env["OPD_RAY_TMPDIR"], ignore_errors=True)
+
+
+@pytest.fixture
+def demo_config() -> Path:
+    if not DEMO_CONFIG.is_file():
+        pytest.skip(f"{DEMO_CONFIG.relative_to(REPO)} is not in this checkout yet (the CPU demo config)")
+    return DEMO_CONFIG

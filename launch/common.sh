@@ -58,6 +58,16 @@ opd_activate_env() {
     fi
 }
 
+# Ray token authentication for the whole job, whatever ~/.ray/auth_token says: a fresh 256-bit token in the
+# environment every process inherits (head, workers, driver, actors). RAY_AUTH_MODE=disabled opts out.
+opd_ray_auth() {
+    export RAY_AUTH_MODE=${RAY_AUTH_MODE:-token}
+    if [[ $RAY_AUTH_MODE == token && -z ${RAY_AUTH_TOKEN:-} ]]; then
+        RAY_AUTH_TOKEN=$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')
+        export RAY_AUTH_TOKEN
+    fi
+}
+
 # Succeeds once a TCP connection to $1:$2 is accepted (bash's /dev/tcp, no tools needed).
 opd_port_open() {
     (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null

@@ -31,6 +31,7 @@ OPD_RAY_JOIN_TIMEOUT=${OPD_RAY_JOIN_TIMEOUT:-120}
 OPD_LOG_DIR=${OPD_LOG_DIR:-logs/opd-local-$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$OPD_LOG_DIR"
 export RAY_ADDRESS=127.0.0.1:$OPD_RAY_PORT
+opd_ray_auth
 
 ray_pid=
 train_pid=

@@ -12,7 +12,8 @@ from megatron_opd.convert.hf_io import HFCheckpointReader, load_hf_config
 from megatron_opd.convert.mapping import AttentionShape, ParamMapping, hf_to_shard, resolve
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The ``GPTModel`` inside DDP / ``Float16Module`` wrappers."""
     while hasattr(model, "module") and not hasattr(model, "decoder"):
         model = model.module
     return model
@@ -20,7 +21,7 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 def rank_offsets(model: torch.nn.Module) -> tuple[int, int]:
     """(global index of this stage's first layer, global index of this EP rank's first expert)."""
-    model = _unwrap(model)
+    model = unwrap_model(model)
     layers = getattr(getattr(model, "decoder", None), "layers", None) or []
     layer_offset = layers[0].layer_number - 1 if len(layers) else 0
     num_experts = model.config.num_moe_experts or 0
@@ -47,7 +48,7 @@ def param_mappings(model: torch.nn.Module, hf_config: Any) -> list[tuple[str, to
     tied = bool(getattr(hf_config, "tie_word_embeddings", False))
     return [
         (name, p, resolve(name, layer_offset=layer_offset, expert_offset=expert_offset, tie_word_embeddings=tied))
-        for name, p in _unwrap(model).named_parameters()
+        for name, p in unwrap_model(model).named_parameters()
     ]
 
 

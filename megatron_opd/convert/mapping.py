@@ -14,6 +14,14 @@ Kinds:
 - ``qkv``: HF ``q_proj``, ``k_proj``, ``v_proj`` -> Megatron ``linear_qkv``, interleaved per
   query group: for each group ``[q heads of the group; k; v]``, split on groups.
 - ``gated``: HF ``gate_proj``, ``up_proj`` -> ``linear_fc1``; rank r holds ``[gate_r; up_r]``.
+
+Checkpoint keys of Megatron's sharded state dict (``dist_checkpointing``) name *global* tensors:
+layers are stacked along a prepended axis (``decoder.layers.self_attention.linear_qkv.weight`` is
+``[num_layers, ...]``) or, for models with mixed layer types, keyed per layer
+(``decoder.layers.3.…``); experts are stacked along a further prepended axis
+(``decoder.layers.mlp.experts.experts.linear_fc1.weight`` is ``[num_layers, num_experts, ...]``).
+The global tensor of one layer / expert is the TP=1 shard (``hf_to_shard(kind, hf, 0, 1)``), so
+:func:`parse_sharded_key` plus the kinds above convert checkpoints without building a model.
 """
 
 from __future__ import annotations
@@ -180,3 +188,91 @@ def shards_to_hf(kind: Kind, shards: list[Tensor], attn: AttentionShape | None =
         q, k, v = full.split([qpg * hd, hd, hd], dim=1)
         return [q.reshape(-1, h), k.reshape(-1, h), v.reshape(-1, h)]
     raise ValueError(f"unknown kind {kind!r}")
+
+
+_SHARDED_LAYER_RE = re.compile(r"^decoder\.layers\.(?:(?P<layer>\d+)\.)?(?P<rest>.+)$")
+_SHARDED_EXPERT_RE = re.compile(r"^mlp\.experts\.experts\.(?P<fc>linear_fc[12]\.weight)$")
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardedKey:
+    """A tensor key of a Megatron ``dist_checkpointing`` checkpoint, split into its parts.
+
+    ``prepended`` leading axes of the global tensor index layers (when ``layer`` is None and the key
+    is a layer key) and then experts; :meth:`mapping` takes those indices.
+    """
+
+    key: str
+    rest: str  # the name inside a layer (``self_attention.linear_qkv.weight``), or the whole key
+    layer: int | None  # the layer of a per-layer key ``decoder.layers.<layer>.…``
+    stacked_layers: bool
+    stacked_experts: bool
+
+    @property
+    def prepended(self) -> int:
+        return int(self.stacked_layers) + int(self.stacked_experts)
+
+    def mapping(self, index: tuple[int, ...] = (), *, tie_word_embeddings: bool = False) -> ParamMapping:
+        """The mapping of the layer / expert at ``index`` (global indices along the prepended axes)."""
+        if len(index) != self.prepended:
+            raise ValueError(f"{self.key}: expected {self.prepended} prepended indices, got {index}")
+        if self.layer is None and not self.stacked_layers:
+            return resolve(self.key, tie_word_embeddings=tie_word_embeddings)
+        layer = index[0] if self.stacked_layers else self.layer
+        expert = _SHARDED_EXPERT_RE.match(self.rest)
+        if expert:
+            name = f"decoder.layers.{layer}.mlp.experts.local_experts.{index[-1]}.{expert['fc']}"
+        else:
+            name = f"decoder.layers.{layer}.{self.rest}"
+        return resolve(name, tie_word_embeddings=tie_word_embeddings)
+
+
+def parse_sharded_key(key: str) -> ShardedKey:
+    """Split a checkpoint key; raises :class:`UnmappedParameterError` for keys with no HF tensor."""
+    m = _SHARDED_LAYER_RE.match(key)
+    if m is None:
+        if key not in _TOP_RULES:
+            raise UnmappedParameterError(f"no HF mapping for checkpoint key {key!r}")
+        return ShardedKey(key, key, None, False, False)
+    layer = None if m["layer"] is None else int(m["layer"])
+    rest = m["rest"]
+    if not (_SHARDED_EXPERT_RE.match(rest) or any(re.fullmatch(p, rest) for p, _, _ in _LAYER_RULES)):
+        raise UnmappedParameterError(f"no HF mapping for checkpoint key {key!r}")
+    return ShardedKey(key, rest, layer, layer is None, bool(_SHARDED_EXPERT_RE.match(rest)))
+
+
+def hf_shapes(kind: Kind, shard_shape: tuple[int, ...], size: int, attn: AttentionShape | None = None) -> list[tuple]:
+    """Shapes of the HF tensors of a parameter whose ``size`` TP shards have ``shard_shape``."""
+    shards = [torch.empty(shard_shape, device="meta")] * size
+    return [tuple(t.shape) for t in shards_to_hf(kind, shards, attn)]
+
+
+def hf_order_key(name: str) -> tuple:
+    """Sort key giving an HF checkpoint's natural order: embeddings, layers (numerically), final
+    norm, LM head."""
+    section = 0 if name.startswith("model.embed_tokens") else 3 if name.startswith("lm_head") else 1
+    if name.startswith("model.norm"):
+        section = 2
+    return (section, *(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)))
+
+
+def expected_hf_names(hf_config: object) -> list[str]:
+    """The tensor names of an HF Qwen3 / Qwen3-MoE checkpoint of ``hf_config``, in HF order (no
+    ``lm_head.weight`` when the embeddings are tied; per-expert MoE keys)."""
+    from megatron_opd.models.qwen3 import moe_layer_pattern, num_experts
+
+    names = ["model.embed_tokens.weight"]
+    attn = [suffix for _, hf, _ in _LAYER_RULES for suffix in hf if not suffix.startswith("mlp.")]
+    for layer, moe in enumerate(moe_layer_pattern(hf_config)):
+        prefix = f"model.layers.{layer}."
+        names += [prefix + suffix for suffix in attn]
+        if moe:
+            names.append(prefix + "mlp.gate.weight")
+            for e in range(num_experts(hf_config)):
+                names += [f"{prefix}mlp.experts.{e}.{p}_proj.weight" for p in ("gate", "up", "down")]
+        else:
+            names += [prefix + f"mlp.{p}_proj.weight" for p in ("gate", "up", "down")]
+    names.append("model.norm.weight")
+    if not getattr(hf_config, "tie_word_embeddings", False):
+        names.append("lm_head.weight")
+    return names

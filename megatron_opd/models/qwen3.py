@@ -18,6 +18,7 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
 from megatron_opd.models.attention import SDPAttention
@@ -157,7 +158,9 @@ def transformer_config_from_hf(
             num_moe_experts=n_experts,
             moe_router_topk=hf_config.num_experts_per_tok,
             moe_ffn_hidden_size=hf_config.moe_intermediate_size,
-            moe_layer_freq=pattern,
+            # All-MoE as the int 1 (Megatron-LM's and Megatron-Bridge's setting): megatron then writes
+            # layer-stacked checkpoint keys (`decoder.layers.…`); a list makes them per layer.
+            moe_layer_freq=1 if all(pattern) else pattern,
             moe_router_score_function="softmax",
             # norm_topk_prob=True: softmax over the top-k logits == renormalized top-k probs.
             moe_router_pre_softmax=not bool(_get(hf_config, "norm_topk_prob", False)),
@@ -205,6 +208,13 @@ def layer_block_spec(config: TransformerConfig, spec: SpecName = "auto") -> Tran
         layer_spec = copy.deepcopy(layer_spec)
         layer_spec.submodules.input_layernorm = RMSNorm
         layer_spec.submodules.pre_mlp_layernorm = RMSNorm
+        if layer_spec.submodules.mlp.module is MoELayer:
+            # The TE spec keeps an MoE layer's pre-MLP norm as `pre_mlp_layernorm` (no fused
+            # layernorm-linear to fold it into); keep that checkpoint key instead of the local
+            # spec's rename to `mlp.linear_fc1.layer_norm_weight`, so checkpoints load with either.
+            keys_map = dict(layer_spec.submodules.sharded_state_dict_keys_map)
+            keys_map.pop("pre_mlp_layernorm.", None)
+            layer_spec.submodules.sharded_state_dict_keys_map = keys_map
         attn = layer_spec.submodules.self_attention
         attn.submodules = dataclasses.replace(
             attn.submodules, core_attention=SDPAttention, q_layernorm=QKRMSNorm, k_layernorm=QKRMSNorm

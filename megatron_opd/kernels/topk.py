@@ -48,8 +48,8 @@ def topk_logprobs(
         pad = k - top_x.shape[1]
         top_x = torch.cat([top_x, top_x.new_full((n, pad), -torch.inf)], dim=1)
         top_ids = torch.cat([top_ids, top_ids.new_full((n, pad), -1)], dim=1)
-    cand_x = shard.all_gather(top_x).permute(1, 0, 2).reshape(n, -1)
-    cand_ids = shard.all_gather(top_ids).permute(1, 0, 2).reshape(n, -1)
+    cand_x = shard.all_gather(top_x).permute(1, 0, 2).reshape(n, shard.world * k)
+    cand_ids = shard.all_gather(top_ids).permute(1, 0, 2).reshape(n, shard.world * k)
     # Real candidates first, then a stable descending sort: padding loses even against -inf logits, and every rank
     # makes the same choice from the same gathered tensor.
     order = torch.argsort(cand_ids < 0, dim=1, stable=True)

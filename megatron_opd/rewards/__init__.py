@@ -35,6 +35,7 @@ DATA_SOURCES: dict[str, str] = {
             "minerva",
             "brumo",
             "beyondaime",
+            "demo_arith",  # the CPU demo's addition task (megatron_opd.demo)
         ),
         "math",
     ),

@@ -60,7 +60,9 @@ def score_microbatches(
         out = model_forward(m, {"input_ids": mb.input_ids.to(device)})
 
         def collect(output: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-            scores = score_rows(response_rows(output, mb), mb, temperature=temperature, top_k=top_k, ids_field=ids_field)
+            scores = score_rows(
+                response_rows(output, mb), mb, temperature=temperature, top_k=top_k, ids_field=ids_field
+            )
             return output.new_zeros(()), scores
 
         return out, collect

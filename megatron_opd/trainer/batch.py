@@ -66,7 +66,7 @@ class MicroBatch:
     def per_token(self, field: str) -> Tensor | None:
         """Concatenate a per-response-token field of the samples, in token order (None if absent)."""
         parts = [getattr(s, field) for s in self.samples]
-        if any(p is None for p in parts):
+        if not parts or any(p is None for p in parts):
             return None
         return torch.cat([torch.as_tensor(p) for p in parts], dim=0)
 
@@ -75,12 +75,20 @@ class MicroBatch:
         return list(tokens.split([s.response_len for s in self.samples], dim=0))
 
 
-def build_microbatch(samples: list[Sample], pad_id: int, multiple_of: int = 1) -> MicroBatch:
+def build_microbatch(
+    samples: list[Sample], pad_id: int, multiple_of: int = 1, shape: tuple[int, int] | None = None
+) -> MicroBatch:
     """Right-pad the samples to the longest one (rounded up to ``multiple_of``, e.g. the TP size
-    under sequence parallelism)."""
-    length = max(s.num_tokens for s in samples)
+    under sequence parallelism), or to ``shape`` = (rows, length) when given (extra rows are all
+    padding; a micro-batch may then have no samples at all)."""
+    length = max((s.num_tokens for s in samples), default=1)
     length = -(-length // multiple_of) * multiple_of
-    ids = torch.full((len(samples), length), pad_id, dtype=torch.long)
+    rows = len(samples)
+    if shape is not None:
+        if shape[0] < rows or shape[1] < length:
+            raise ValueError(f"shape {shape} is smaller than the samples need ({rows}, {length})")
+        rows, length = shape
+    ids = torch.full((rows, length), pad_id, dtype=torch.long)
     positions, labels, seq_index = [], [], []
     for i, s in enumerate(samples):
         tokens = s.prompt_ids + s.response_ids
@@ -90,7 +98,22 @@ def build_microbatch(samples: list[Sample], pad_id: int, multiple_of: int = 1) -
         positions.append(torch.arange(p - 1, p - 1 + s.response_len) + i * length)
         labels.append(torch.tensor(s.response_ids, dtype=torch.long))
         seq_index.append(torch.full((s.response_len,), i, dtype=torch.long))
-    return MicroBatch(samples, ids, torch.cat(positions), torch.cat(labels), torch.cat(seq_index))
+    empty = torch.zeros(0, dtype=torch.long)
+    return MicroBatch(
+        samples, ids, torch.cat([empty, *positions]), torch.cat([empty, *labels]), torch.cat([empty, *seq_index])
+    )
+
+
+def common_shapes(shapes_per_rank: list[list[tuple[int, int]]]) -> list[tuple[int, int]]:
+    """Micro-batch shapes every rank can use: as many micro-batches as the rank with the most, each
+    as large as the largest i-th micro-batch of any rank. Ranks that exchange tokens inside every
+    forward (MoE expert parallelism) must run identical schedules."""
+    count = max(len(s) for s in shapes_per_rank)
+    out = []
+    for i in range(count):
+        have = [s[i] for s in shapes_per_rank if i < len(s)]
+        out.append((max(r for r, _ in have), max(length for _, length in have)))
+    return out
 
 
 def split_by_token_budget(samples: list[Sample], max_tokens: int, multiple_of: int = 1) -> list[list[Sample]]:

@@ -130,11 +130,16 @@ def _fsync_dir(path: Path) -> None:
 # ---- worker side: model + optimizer through dist_checkpointing ----
 
 
-def _sharded_state(worker: ModelWorker) -> dict[str, Any]:
+# Optimizer state in model space (one tensor per parameter): loadable at any TP/PP/EP/DP layout.
+OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+def _sharded_state(worker: ModelWorker, is_loading: bool) -> dict[str, Any]:
     from megatron_opd.convert.mcore_io import model_sharded_state_dict
 
     model_sd = model_sharded_state_dict(worker._unwrapped())
-    return {"model": model_sd, "optimizer": worker.optimizer.sharded_state_dict(model_sd)}
+    optimizer_sd = worker.optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=OPTIMIZER_SHARDING)
+    return {"model": model_sd, "optimizer": optimizer_sd}
 
 
 def _rng_state() -> dict[str, Any]:
@@ -151,7 +156,7 @@ def save_training_state(worker: ModelWorker, path: str) -> None:
     """Every student rank: its shards of model + optimizer, its RNG, and (rank 0) the LR schedule."""
     from megatron.core import dist_checkpointing
 
-    dist_checkpointing.save(_sharded_state(worker), path)
+    dist_checkpointing.save(_sharded_state(worker, is_loading=False), path)
     rng_dir = Path(path) / "rng"
     rng_dir.mkdir(exist_ok=True)
     torch.save(_rng_state(), rng_dir / f"rank_{worker.rank:05d}.pt")
@@ -160,13 +165,50 @@ def save_training_state(worker: ModelWorker, path: str) -> None:
     torch.distributed.barrier()
 
 
+def _prepare_optimizer_for_load(optimizer: Any) -> None:
+    """Work around megatron-core 0.16's distributed optimizer on torch's Adam (no Apex/TE):
+
+    - building the state dict to load into reads ``step`` from every parameter's existing state,
+      which a fresh optimizer does not have: give each parameter an all-zero Adam state first;
+    - the parameter-state loaders copy every key of a parameter's state from the checkpoint, whose
+      per-parameter entries have no ``step`` (it is restored from the param groups): keep ``step``
+      aside while a parameter's tensors are copied.
+    """
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = opt.optimizer
+        if hasattr(opt, "_set_main_param_and_optimizer_states") and not getattr(opt, "_opd_step_aside", False):
+            original = opt._set_main_param_and_optimizer_states
+
+            def set_states(model_param: Any, tensors: dict, opt: Any = opt, original: Any = original) -> None:
+                group_index, group_order = opt.model_param_group_index_map[model_param]
+                state = opt.optimizer.state[opt.optimizer.param_groups[group_index]["params"][group_order]]
+                step = state.pop("step", None) if "step" not in tensors else None
+                try:
+                    original(model_param, tensors)
+                finally:
+                    if step is not None:
+                        state["step"] = step
+
+            opt._set_main_param_and_optimizer_states = set_states
+            opt._opd_step_aside = True
+        for group in inner.param_groups:
+            for p in group["params"]:
+                if p not in inner.state or not inner.state[p]:
+                    inner.state[p] = {
+                        "step": torch.zeros((), dtype=torch.float32),
+                        "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                        "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+                    }
+
+
 def load_training_state(worker: ModelWorker, path: str) -> None:
     """Restore what :func:`save_training_state` wrote; the checkpoint may have been written at
     another TP/PP/EP layout (dist_checkpointing reshards)."""
     from megatron.core import dist_checkpointing
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
-    state = dist_checkpointing.load(_sharded_state(worker), path)
+    _prepare_optimizer_for_load(worker.optimizer)
+    state = dist_checkpointing.load(_sharded_state(worker, is_loading=True), path)
     worker._unwrapped().load_state_dict(state["model"])
     worker.optimizer.load_state_dict(state["optimizer"])
     worker.scheduler.load_state_dict(torch.load(Path(path) / "scheduler.pt", weights_only=False)["scheduler"])

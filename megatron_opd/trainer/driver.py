@@ -92,20 +92,24 @@ def run_training(cfg: OPDConfig) -> dict[str, Any]:
     )
     dataset = PromptDataset(cfg.data.train_files, tokenizer, cfg.data, teacher_names or None)
     loader = PromptLoader(dataset, cfg.data.train_batch_size, cfg.data.seed, cfg.data.shuffle)
-    masked_ids = masked_token_ids(cfg, tokenizer)
     objective = build_objective(
         cfg.objective,
-        masked_token_ids=masked_ids,
-        ppo_clip=cfg.trainer.mini_batches_per_step > 1,
+        mini_batches_per_step=cfg.trainer.mini_batches_per_step,
         temperature=cfg.rollout.temperature,
         teacher_names=teacher_names,
+        tokenizer=tokenizer,
     )
     needs = objective.requirements
+    # Workers have no tokenizer: hand them the resolved special-token set (OBJECTIVES §4).
+    worker_objective = dataclasses.replace(
+        cfg.objective,
+        masked_token_ids=objective.masked_token_ids.tolist() if cfg.objective.special_token_mask else None,
+    )
     ckpts = CheckpointManager(run_dir / "checkpoints", cfg.trainer.keep_last)
     resume_from = resolve_resume(cfg.resume, ckpts)
 
     ensure_ray()
-    groups = build_groups(cfg, tokenizer, masked_ids, needs)
+    groups = build_groups(cfg, tokenizer, worker_objective, needs)
     engine = build_engine(cfg.rollout, model_hf_dir(cfg.student.path), tokenizer=tokenizer)
     metrics_log = MetricsLogger(run_dir, cfg.logging, json.loads(json.dumps(dataclasses.asdict(cfg), default=str)))
     stop = StopRequested()
@@ -119,7 +123,7 @@ def run_training(cfg: OPDConfig) -> dict[str, Any]:
             sync_weights(groups.student, engine)
         evaluator = Evaluator(cfg, tokenizer)
         if state["eval_before"] is None and cfg.trainer.eval_before and evaluator.enabled:
-            state["eval_before"] = evaluator.run(engine, run_dir / "eval" / "step_0")
+            state["eval_before"] = evaluator.run(engine, run_dir / "eval" / "step_0")["accuracy"]
             log.info("eval before training: %s", state["eval_before"])
         total = cfg.trainer.steps
         progress = _progress(cfg, state["step"], total)
@@ -147,7 +151,7 @@ def run_training(cfg: OPDConfig) -> dict[str, Any]:
         summary = {
             "steps": state["step"],
             "eval_before": state["eval_before"],
-            "eval_after": evaluator.run(engine, run_dir / "eval" / "final") if evaluator.enabled else None,
+            "eval_after": evaluator.run(engine, run_dir / "eval" / "final")["accuracy"] if evaluator.enabled else None,
             "teacher_eval": evaluator.run_teachers(cfg) if evaluator.enabled and cfg.eval.teacher else None,
             "wall_s": round(time.time() - t_start, 1),
             "interrupted_by_signal": stop.signum,
@@ -165,19 +169,7 @@ def run_training(cfg: OPDConfig) -> dict[str, Any]:
 # ---------------------------------------------------------------- setup
 
 
-def masked_token_ids(cfg: OPDConfig, tokenizer: Any) -> tuple[int, ...]:
-    """OBJECTIVES §4 special-token masking: configured ids, or the tokenizer's special/added
-    tokens except the EOS the student must emit."""
-    if not cfg.objective.special_token_mask:
-        return ()
-    if cfg.objective.masked_token_ids is not None:
-        return tuple(cfg.objective.masked_token_ids)
-    from megatron_opd.objectives.lsm import special_token_ids
-
-    return tuple(special_token_ids(tokenizer))
-
-
-def build_groups(cfg: OPDConfig, tokenizer: Any, masked_ids: tuple[int, ...], needs: Any) -> Groups:
+def build_groups(cfg: OPDConfig, tokenizer: Any, objective_cfg: Any, needs: Any) -> Groups:
     """Student, teachers and the references the objective needs, each its own worker group."""
     common = dict(
         seed=cfg.seed,
@@ -193,10 +185,9 @@ def build_groups(cfg: OPDConfig, tokenizer: Any, masked_ids: tuple[int, ...], ne
             load_from=cfg.student.path,
             trainable=True,
             optim=cfg.optim,
-            objective=cfg.objective,
+            objective=objective_cfg,
             total_steps=cfg.trainer.steps,
             mini_batches_per_step=cfg.trainer.mini_batches_per_step,
-            masked_token_ids=masked_ids,
             teacher_names=tuple(t.name for t in cfg.teachers),
             **common,
         )
@@ -399,11 +390,13 @@ class Evaluator:
         self.cfg, self.tokenizer = cfg, tokenizer
         self.enabled = bool(cfg.eval.files)
 
-    def run(self, engine: RolloutEngine, out_dir: Path) -> float:
+    def run(self, engine: RolloutEngine, out_dir: Path) -> dict[str, float]:
+        """All metrics of ``evaluate``; ``accuracy`` is the mean avg@n over benchmarks."""
         from megatron_opd.eval import evaluate
 
-        result = evaluate(engine, self.tokenizer, self.cfg.eval.files, self.cfg.eval, out_dir=out_dir)
-        return float(result["accuracy"])
+        return evaluate(
+            engine, self.tokenizer, self.cfg.eval.files, self.cfg.eval, out_dir=out_dir, data_cfg=self.cfg.data
+        )
 
     def run_teachers(self, cfg: OPDConfig) -> dict[str, float] | float:
         from megatron_opd.rollout import build_engine
@@ -412,7 +405,7 @@ class Evaluator:
         for t in cfg.teachers:
             engine = build_engine(cfg.rollout, model_hf_dir(t.path), tokenizer=self.tokenizer)
             try:
-                scores[t.name] = self.run(engine, Path(cfg.run_dir) / "eval" / f"teacher_{t.name}")
+                scores[t.name] = self.run(engine, Path(cfg.run_dir) / "eval" / f"teacher_{t.name}")["accuracy"]
             finally:
                 engine.shutdown()
         return next(iter(scores.values())) if len(scores) == 1 else scores

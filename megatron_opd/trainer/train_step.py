@@ -110,6 +110,8 @@ class MiniBatchLoss:
         output = model_forward(model, {"input_ids": mb.input_ids.to(self.device)})
 
         def loss_fn(out: Tensor) -> tuple[Tensor, Metrics]:
+            if mb.num_tokens == 0:  # padding micro-batch (expert-parallel alignment): no loss, no metrics
+                return out.sum() * 0.0, {}
             result = self.worker.objective(token_batch(self.worker, mb, response_rows(out, mb), weights))
             if torch.isfinite(result.loss):
                 loss = result.loss
@@ -120,6 +122,15 @@ class MiniBatchLoss:
             return loss * self.scale, result.metrics
 
         return output, loss_fn
+
+
+def _with_common_keys(metrics: Metrics, group: dist.ProcessGroup) -> Metrics:
+    """Every DP rank reports the union of all ranks' metric names (a rank whose micro-batches were
+    all padding has none), so the reduction's collective sees equal shapes."""
+    names: list[list[str]] = [[] for _ in range(dist.get_world_size(group))]
+    dist.all_gather_object(names, sorted(metrics), group=group)
+    zero = torch.zeros((), dtype=torch.float64, device=next(iter(metrics.values()))[0].device if metrics else None)
+    return {n: metrics.get(n, (zero, zero)) for n in sorted(set().union(*names))}
 
 
 def run_train_step(worker: ModelWorker, samples: list[Sample]) -> dict[str, Any] | None:
@@ -134,14 +145,15 @@ def run_train_step(worker: ModelWorker, samples: list[Sample]) -> dict[str, Any]
     grad_norms: list[float] = []
     skipped = 0
     for mini in split_mini_batches(samples, worker.spec.mini_batches_per_step):
-        mbs = worker._microbatches(mini)
+        mbs = worker._microbatches(mini, at_least_one=True)
         masks = final_masks(worker, mbs)
         counts = global_counts([local_counts(m, mb.seq_index) for m, mb in zip(masks, mbs)], group=dp_group)
         weights = [token_weights(m, mb.seq_index, counts, objective.cfg.loss_agg_mode) for m, mb in zip(masks, mbs)]
         step = MiniBatchLoss(worker, len(mbs) * dp_size, device)
         model.zero_grad_buffer()
         optimizer.zero_grad()
-        results = run_schedule(model, list(zip(mbs, weights)), step, forward_only=False)
+        shape = tuple(mbs[0].input_ids.shape)
+        results = run_schedule(model, list(zip(mbs, weights)), step, forward_only=False, shape=shape)
         if last_stage:
             metrics_parts.extend(results)
         loss_total += step.loss.to(device)
@@ -159,7 +171,7 @@ def run_train_step(worker: ModelWorker, samples: list[Sample]) -> dict[str, Any]
     if not last_stage:
         return None
     dist.all_reduce(loss_total, group=dp_group)
-    out: dict[str, Any] = reduce_metrics(merge_metrics(metrics_parts), group=dp_group)
+    out: dict[str, Any] = reduce_metrics(_with_common_keys(merge_metrics(metrics_parts), dp_group), group=dp_group)
     out.update(
         {
             "train/loss": float(loss_total),

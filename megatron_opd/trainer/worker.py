@@ -20,7 +20,7 @@ import torch
 
 from megatron_opd.config.schema import ModelConfig, OptimConfig, model_hf_dir
 from megatron_opd.objectives.config import ObjectiveConfig
-from megatron_opd.trainer.batch import MicroBatch, Sample, build_microbatch, split_by_token_budget
+from megatron_opd.trainer.batch import MicroBatch, Sample, build_microbatch, common_shapes, split_by_token_budget
 
 
 @dataclasses.dataclass
@@ -40,7 +40,6 @@ class WorkerSpec:
     max_tokens_per_microbatch: int = 8192
     pad_id: int = 0
     temperature: float = 1.0
-    masked_token_ids: tuple[int, ...] = ()
     teacher_names: tuple[str, ...] = ()
 
 
@@ -194,8 +193,7 @@ class ModelWorker:
         )
         self.objective = build_objective(
             spec.objective,
-            masked_token_ids=spec.masked_token_ids,
-            ppo_clip=spec.mini_batches_per_step > 1,
+            mini_batches_per_step=spec.mini_batches_per_step,
             temperature=spec.temperature,
             teacher_names=spec.teacher_names,
         )
@@ -207,10 +205,30 @@ class ModelWorker:
 
         return ps.get_tensor_model_parallel_world_size() if self._unwrapped().config.sequence_parallel else 1
 
-    def _microbatches(self, samples: list[Sample]) -> list[MicroBatch]:
+    def _microbatches(self, samples: list[Sample], at_least_one: bool = False) -> list[MicroBatch]:
+        """This DP rank's micro-batches. Under expert parallelism every DP rank runs the same number
+        of micro-batches of the same shapes (MoE layers exchange tokens across them in each forward),
+        padded with rows that hold no response tokens. ``at_least_one``: a rank without samples still
+        runs one padding micro-batch (training: every DP rank must join the gradient reduction)."""
+        from megatron.core import parallel_state as ps
+
         m = self._multiple_of()
         groups = split_by_token_budget(samples, self.spec.max_tokens_per_microbatch, m)
-        return [build_microbatch(g, self.spec.pad_id, m) for g in groups]
+        if not groups and at_least_one:
+            groups = [[]]
+        mbs = [build_microbatch(g, self.spec.pad_id, m) for g in groups]
+        if ps.get_expert_model_parallel_world_size() == 1 or ps.get_data_parallel_world_size() == 1:
+            return mbs
+        mine = [tuple(mb.input_ids.shape) for mb in mbs]
+        everyone: list[list[tuple[int, int]]] = [[] for _ in range(ps.get_data_parallel_world_size())]
+        torch.distributed.all_gather_object(
+            everyone, mine, group=ps.get_data_parallel_group(with_context_parallel=True)
+        )
+        shapes = common_shapes(everyone)
+        return [
+            build_microbatch(groups[i] if i < len(groups) else [], self.spec.pad_id, m, shape)
+            for i, shape in enumerate(shapes)
+        ]
 
     def _unwrapped(self) -> torch.nn.Module:
         model = self.model
@@ -229,14 +247,15 @@ class ModelWorker:
         Returned by the output ranks only."""
         from megatron_opd.scoring.scorer import score_microbatches
 
-        if not samples:
+        microbatches = self._microbatches(samples)
+        if not microbatches:
             return {}
         was_training = self.model.training
         self.model.eval()
         try:
             out = score_microbatches(
                 self.model,
-                self._microbatches(samples),
+                microbatches,
                 temperature=self.spec.temperature,
                 top_k=top_k,
                 ids_field=ids_field,

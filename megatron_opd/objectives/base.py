@@ -93,7 +93,6 @@ class StudentScores:
     support_logp: Tensor | None  # [N, K'] student log-probs on the support, with grad
     support_teacher_logp: Tensor | None  # [N, K']
     support_valid: Tensor | None  # [N, K'] bool (False on masked rows)
-    old_logp: Tensor  # [N] ℓ_old, or sg(ℓ_S) when the trainer did not compute it (one update per rollout)
     is_weight: Tensor  # [N] rollout-correction weights w_t (1 when rollout_is = none)
 
 
@@ -180,6 +179,8 @@ class Objective(abc.ABC):
     # ---- the loss ----
 
     def __call__(self, batch: TokenBatch) -> ObjectiveOutput:
+        """This micro-batch's loss ``Σ_t w_t L_t`` and metrics. ``ℓ_old`` defaults to ``sg(ℓ_S)`` (one
+        update per rollout batch: the weights that generated the rollout are the current ones)."""
         b = batch
         response, unspecial, keep = self._masks(b.response_mask, b.labels, b.old_logp, b.rollout_logp, b.seq_index)
         labels = torch.where(keep, b.labels, torch.full_like(b.labels, -1))
@@ -207,7 +208,6 @@ class Objective(abc.ABC):
             support_logp=tl.ids_logprob,
             support_teacher_logp=None if support is None else support[1],
             support_valid=None if support is None else support[2],
-            old_logp=old,
             is_weight=is_weight,
         )
         per_token = self.token_losses(b, s, metrics)

@@ -1,8 +1,8 @@
 """Hugging Face model directories: config, safetensors tensors one at a time, written in shards.
 
 :class:`HFCheckpointReader` opens ``model.safetensors`` or the shards named by
-``model.safetensors.index.json`` lazily and reads single tensors or slices of them, so no caller
-ever holds more than the tensors it asked for. Missing or truncated shards are reported by name.
+``model.safetensors.index.json`` lazily and reads single tensors or slices of them (plain file
+reads, no memory map), so no caller ever holds more than the tensors it asked for. Missing or truncated shards are reported by name.
 :class:`HFShardWriter` writes tensors as they come into ``model-0000i-of-0000n.safetensors`` shards
 of bounded size plus the index; :func:`write_hf_metadata` writes ``config.json``,
 ``generation_config.json`` and copies the tokenizer files.
@@ -11,7 +11,9 @@ of bounded size plus the index; :func:`write_hf_metadata` writes ``config.json``
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
+import math
 import os
 import shutil
 from collections.abc import Iterable, Iterator
@@ -19,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -70,18 +71,80 @@ def load_hf_config(model_dir: str | Path) -> Any:
         raise CheckpointError(f"{path}/config.json: not a config transformers can read ({e})") from e
 
 
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    """Where one tensor lies in a safetensors file."""
+
+    path: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int  # absolute byte offsets in the file
+    end: int
+
+
+def _read_header(path: Path) -> dict[str, _Entry]:
+    """The tensors of one safetensors file, checked against the file's size."""
+
+    def bad(why: str) -> CheckpointError:
+        return CheckpointError(f"{path}: not a readable safetensors file ({why}); the file may be truncated or corrupt")
+
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise bad("shorter than a header")
+        n = int.from_bytes(head, "little")
+        if n > size - 8:
+            raise bad(f"header of {n} bytes in a file of {size}")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise bad(f"header is not JSON: {e}") from e
+    entries = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info.get("dtype") not in _SAFETENSORS_DTYPES:
+            raise bad(f"{name}: unknown dtype {info.get('dtype')!r}")
+        dtype, shape = _SAFETENSORS_DTYPES[info["dtype"]], tuple(info["shape"])
+        begin, end = (8 + n + o for o in info["data_offsets"])
+        if end > size:
+            raise bad(f"{name} ends at byte {end}, the file has {size}")
+        if end - begin != math.prod(shape) * dtype.itemsize:
+            raise bad(f"{name}: {end - begin} bytes for shape {list(shape)} {info['dtype']}")
+        entries[name] = _Entry(path, dtype, shape, begin, end)
+    return entries
+
+
+def _read_into(path: Path, offset: int, out: torch.Tensor) -> torch.Tensor:
+    """Fill ``out`` (contiguous, CPU) with the bytes of ``path`` from ``offset``."""
+    view = memoryview(out.view(-1).view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
+    with path.open("rb", buffering=0) as f:
+        f.seek(offset)
+        done = 0
+        while done < len(view):
+            n = f.readinto(view[done:])
+            if not n:
+                raise CheckpointError(f"{path}: ended early while reading; the file may be truncated")
+            done += n
+    return out
+
+
 class HFCheckpointReader:
-    """Lazy, read-only access to the tensors of an HF safetensors checkpoint."""
+    """Lazy, read-only access to the tensors of an HF safetensors checkpoint.
+
+    Tensors are read with plain file reads into fresh tensors (no memory map), so a process's
+    resident memory is what it holds, not the files it has read.
+    """
 
     def __init__(self, model_dir: str | Path) -> None:
         self.dir = Path(model_dir)
         index = self.dir / INDEX_FILE
+        self._entries: dict[str, dict[str, _Entry]] = {}  # shard -> its tensors
         if index.is_file():
             self.weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
         elif (self.dir / SINGLE_FILE).is_file():
-            self.weight_map = {}
-            with self._open_file(SINGLE_FILE) as f:
-                self.weight_map = {k: SINGLE_FILE for k in f.keys()}
+            self.weight_map = dict.fromkeys(self._shard(SINGLE_FILE), SINGLE_FILE)
         else:
             raise CheckpointError(
                 f"{self.dir}: neither {INDEX_FILE} nor {SINGLE_FILE} found; only safetensors checkpoints are supported"
@@ -92,23 +155,20 @@ class HFCheckpointReader:
                     f"{self.dir}: shard {shard} named in {INDEX_FILE} is missing; "
                     "re-download or re-export the checkpoint"
                 )
-        self._handles: dict[str, Any] = {}
 
-    def _open_file(self, shard: str) -> Any:
-        try:
-            return safe_open(str(self.dir / shard), framework="pt")
-        except Exception as e:  # safetensors raises its own error types for bad headers
-            raise CheckpointError(
-                f"{self.dir / shard}: not a readable safetensors file ({e}); the file may be truncated or corrupt"
-            ) from e
+    def _shard(self, shard: str) -> dict[str, _Entry]:
+        if shard not in self._entries:
+            self._entries[shard] = _read_header(self.dir / shard)
+        return self._entries[shard]
 
-    def _handle(self, name: str) -> Any:
+    def _entry(self, name: str) -> _Entry:
         if name not in self.weight_map:
             raise CheckpointError(f"{self.dir}: tensor {name!r} is not in the checkpoint")
         shard = self.weight_map[name]
-        if shard not in self._handles:
-            self._handles[shard] = self._open_file(shard)
-        return self._handles[shard]
+        entries = self._shard(shard)
+        if name not in entries:
+            raise CheckpointError(f"{self.dir / shard}: has no tensor {name!r} although {INDEX_FILE} says so")
+        return entries[name]
 
     def keys(self) -> list[str]:
         return sorted(self.weight_map)
@@ -117,31 +177,28 @@ class HFCheckpointReader:
         return name in self.weight_map
 
     def get(self, name: str) -> torch.Tensor:
-        try:
-            return self._handle(name).get_tensor(name)
-        except CheckpointError:
-            raise
-        except Exception as e:
-            raise CheckpointError(
-                f"{self.dir / self.weight_map[name]}: reading {name!r} failed ({e}); the file may be truncated"
-            ) from e
+        e = self._entry(name)
+        return _read_into(e.path, e.begin, torch.empty(e.shape, dtype=e.dtype))
 
     def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows ``start:stop`` (dim 0) of a tensor, read without loading the rest."""
-        return self._handle(name).get_slice(name)[start:stop]
+        e = self._entry(name)
+        start, stop, _ = slice(start, stop).indices(e.shape[0])
+        row = math.prod(e.shape[1:]) * e.dtype.itemsize
+        out = torch.empty((max(stop - start, 0), *e.shape[1:]), dtype=e.dtype)
+        return _read_into(e.path, e.begin + start * row, out)
 
     def shape(self, name: str) -> list[int]:
-        return list(self._handle(name).get_slice(name).get_shape())
+        return list(self._entry(name).shape)
 
     def dtype(self, name: str) -> torch.dtype:
-        return _SAFETENSORS_DTYPES[self._handle(name).get_slice(name).get_dtype()]
+        return self._entry(name).dtype
 
     def validate(self, expected: Iterable[str] | None = None) -> None:
         """Open every shard (a truncated or corrupt one raises here, before any work is done) and,
         given ``expected`` tensor names, check that exactly those are present."""
         for shard in sorted(set(self.weight_map.values())):
-            if shard not in self._handles:
-                self._handles[shard] = self._open_file(shard)
+            self._shard(shard)
         if expected is not None:
             expected = set(expected)
             missing, extra = sorted(expected - set(self.weight_map)), sorted(set(self.weight_map) - expected)
@@ -176,6 +233,7 @@ class HFShardWriter:
         if max_shard_bytes <= 0:
             raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
         self.dir = Path(out_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
         self.max_shard_bytes = max_shard_bytes
         self._pending: dict[str, torch.Tensor] = {}
         self._pending_bytes = 0

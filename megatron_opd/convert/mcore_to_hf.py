@@ -39,6 +39,7 @@ from megatron_opd.convert.progress import ConversionReport, peak_rss_bytes
 
 # (key, layer index along the stacked-layer axis, or None for the whole tensor)
 _Request = tuple[str, int | None]
+OPTIMIZER_KEY_PREFIX = "optimizer."
 _TOP_ORDER = {"embedding.word_embeddings.weight": 0, "decoder.final_layernorm.weight": 1, "output_layer.weight": 2}
 
 
@@ -100,7 +101,12 @@ def iter_checkpoint_hf_tensors(ckpt_dir: str | Path, hf_config: Any) -> Iterator
     iter_dir = checkpoint_iter_dir(ckpt_dir)
     allow_checkpoint_args()
     metadata = FileSystemReader(str(iter_dir)).read_metadata()
-    tensors = {k: v for k, v in metadata.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
+    # Model tensors only: a training checkpoint also holds optimizer state (``optimizer.*`` keys).
+    tensors = {
+        k: v
+        for k, v in metadata.state_dict_metadata.items()
+        if isinstance(v, TensorStorageMetadata) and not k.startswith(OPTIMIZER_KEY_PREFIX)
+    }
     try:
         groups = _plan(tensors)
     except UnmappedParameterError as e:

@@ -1,7 +1,7 @@
 """Training checkpoints: atomic, resumable, Megatron-LM layout.
 
-``RUN_DIR/checkpoints/`` holds ``iter_0000010/`` directories and
-``latest_checkpointed_iteration.txt``. A checkpoint is written into ``iter_0000010.tmp-<pid>/``
+``RUN_DIR/checkpoints/`` holds ``iter_0000010/`` directories, ``latest_checkpointed_iteration.txt``
+and ``hf/`` (the student's config and tokenizer), like a checkpoint of ``opd convert hf-to-mcore``. A checkpoint is written into ``iter_0000010.tmp-<pid>/``
 (model + optimizer as a ``torch_dist`` checkpoint via ``megatron.core.dist_checkpointing`` from
 every student rank, per-rank RNG states, then ``trainer_state.json`` — step, LR schedule, data
 position — from the driver), marked complete (``COMPLETE``), and only then renamed into place and
@@ -21,27 +21,27 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from megatron_opd.convert.mcore_io import CHECKPOINT_VERSION, HF_SUBDIR, TRACKER_FILE, iter_dir_name
+
 if TYPE_CHECKING:
     from megatron_opd.trainer.worker import ModelWorker
 
 log = logging.getLogger(__name__)
 
-TRACKER = "latest_checkpointed_iteration.txt"
 MARKER = "COMPLETE"
 STATE = "trainer_state.json"
 _ITER_RE = re.compile(r"^iter_(\d{7})$")
 
 
-def iter_dir_name(step: int) -> str:
-    return f"iter_{step:07d}"
-
-
 class CheckpointManager:
-    """Directory bookkeeping for one run's checkpoints (driver side)."""
+    """Directory bookkeeping for one run's checkpoints (driver side). ``hf_source``: the student's
+    HF directory, whose config and tokenizer are copied to ``hf/`` so the checkpoints are
+    self-describing (``opd convert mcore-to-hf --mcore-dir RUN_DIR/checkpoints``)."""
 
-    def __init__(self, root: str | Path, keep_last: int) -> None:
+    def __init__(self, root: str | Path, keep_last: int, hf_source: str | None = None, dtype: Any = None) -> None:
         self.root = Path(root)
         self.keep_last = keep_last
+        self.hf_source, self.dtype = hf_source, dtype
 
     def complete_steps(self) -> list[int]:
         steps = []
@@ -79,7 +79,13 @@ class CheckpointManager:
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _write_atomic(self.root / TRACKER, str(step))
+        if self.hf_source is not None and not (self.root / HF_SUBDIR / "config.json").is_file():
+            from megatron_opd.convert.hf_io import load_hf_config, write_hf_metadata
+
+            write_hf_metadata(
+                self.root / HF_SUBDIR, load_hf_config(self.hf_source), source_dir=self.hf_source, dtype=self.dtype
+            )
+        _write_atomic(self.root / TRACKER_FILE, str(step))
         _fsync_dir(self.root)
         self.prune()
         return final
@@ -142,6 +148,17 @@ def _sharded_state(worker: ModelWorker, is_loading: bool) -> dict[str, Any]:
     return {"model": model_sd, "optimizer": optimizer_sd}
 
 
+def _common_state(worker: ModelWorker, iteration: int) -> dict[str, Any]:
+    """What Megatron-LM's loader reads besides the model (its checkpoint version, iteration, args)."""
+    from megatron_opd.convert.mcore_io import megatron_args
+
+    return {
+        "checkpoint_version": CHECKPOINT_VERSION,
+        "iteration": iteration,
+        "args": megatron_args(worker._unwrapped(), worker.hf_config),
+    }
+
+
 def _rng_state() -> dict[str, Any]:
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
@@ -152,11 +169,11 @@ def _rng_state() -> dict[str, Any]:
     }
 
 
-def save_training_state(worker: ModelWorker, path: str) -> None:
+def save_training_state(worker: ModelWorker, path: str, iteration: int) -> None:
     """Every student rank: its shards of model + optimizer, its RNG, and (rank 0) the LR schedule."""
     from megatron.core import dist_checkpointing
 
-    dist_checkpointing.save(_sharded_state(worker, is_loading=False), path)
+    dist_checkpointing.save({**_sharded_state(worker, is_loading=False), **_common_state(worker, iteration)}, path)
     rng_dir = Path(path) / "rng"
     rng_dir.mkdir(exist_ok=True)
     torch.save(_rng_state(), rng_dir / f"rank_{worker.rank:05d}.pt")
@@ -208,6 +225,9 @@ def load_training_state(worker: ModelWorker, path: str) -> None:
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
     _prepare_optimizer_for_load(worker.optimizer)
+    from megatron_opd.convert.mcore_io import allow_checkpoint_args
+
+    allow_checkpoint_args()  # the checkpoint carries Megatron-LM's args namespace
     state = dist_checkpointing.load(_sharded_state(worker, is_loading=True), path)
     worker._unwrapped().load_state_dict(state["model"])
     worker.optimizer.load_state_dict(state["optimizer"])

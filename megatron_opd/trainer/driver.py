@@ -28,7 +28,7 @@ from megatron_opd.rollout.base import RolloutEngine, SamplingParams
 from megatron_opd.trainer.batch import Sample, split_for_data_parallel
 from megatron_opd.trainer.checkpoint import CheckpointManager, resolve_resume
 from megatron_opd.trainer.metrics import MetricsLogger, summary_line
-from megatron_opd.trainer.worker import WorkerSpec
+from megatron_opd.trainer.worker import WorkerSpec, resolve_dtype
 from megatron_opd.trainer.worker_group import Placement, WorkerGroup, ensure_ray, make_placement_group
 
 log = logging.getLogger("megatron_opd.train")
@@ -105,7 +105,12 @@ def run_training(cfg: OPDConfig) -> dict[str, Any]:
         cfg.objective,
         masked_token_ids=objective.masked_token_ids.tolist() if cfg.objective.special_token_mask else None,
     )
-    ckpts = CheckpointManager(run_dir / "checkpoints", cfg.trainer.keep_last)
+    ckpts = CheckpointManager(
+        run_dir / "checkpoints",
+        cfg.trainer.keep_last,
+        hf_source=model_hf_dir(cfg.student.path),
+        dtype=resolve_dtype(cfg.student.dtype),
+    )
     resume_from = resolve_resume(cfg.resume, ckpts)
 
     ensure_ray()
@@ -375,7 +380,7 @@ def sync_weights(student: WorkerGroup, engine: RolloutEngine) -> None:
 
 def save_checkpoint(ckpts: CheckpointManager, student: WorkerGroup, step: int, loader: Any, state: dict) -> None:
     tmp = ckpts.begin(step)
-    student.call("save_checkpoint", str(tmp))
+    student.call("save_checkpoint", str(tmp), step)
     final = ckpts.commit(tmp, step, {**state, "step": step, "data": loader.state_dict()})
     log.info("saved checkpoint %s", final)
 

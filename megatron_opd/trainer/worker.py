@@ -281,10 +281,10 @@ class ModelWorker:
         pairs = [(n, t.detach().cpu()) for n, t in iter_hf_tensors(self._unwrapped(), self.hf_config)]
         return pairs if self.rank == 0 else None
 
-    def save_checkpoint(self, path: str) -> None:
+    def save_checkpoint(self, path: str, iteration: int) -> None:
         from megatron_opd.trainer.checkpoint import save_training_state
 
-        save_training_state(self, path)
+        save_training_state(self, path, iteration)
 
     def load_checkpoint(self, path: str) -> None:
         from megatron_opd.trainer.checkpoint import load_training_state

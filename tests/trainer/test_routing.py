@@ -1,0 +1,78 @@
+"""The driver asks each sample's own teacher (``extra_info.opd_teacher``) and reference, and only
+for what the objective needs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from megatron_opd.objectives.base import Requirements
+from megatron_opd.trainer import driver
+from tests.trainer.conftest import make_samples
+
+
+class FakeGroup:
+    """Scores every token of a sample with a constant that names the group; records calls."""
+
+    def __init__(self, name: str, value: float, dp_size: int = 2) -> None:
+        self.name, self.value, self.dp_size = name, value, dp_size
+        self.calls: list[dict[str, Any]] = []
+
+    def call_per_dp(self, method: str, per_dp: list[list[Any]], **kwargs: Any) -> list[dict]:
+        assert method == "score" and len(per_dp) == self.dp_size
+        self.calls.append({"uids": sorted(s.uid for part in per_dp for s in part), **kwargs})
+        out = []
+        for part in per_dp:
+            scores = {}
+            for s in part:
+                r = s.response_len
+                d = {"logp": torch.full((r,), self.value)}
+                if kwargs.get("top_k"):
+                    d["topk_ids"] = torch.zeros(r, kwargs["top_k"], dtype=torch.long)
+                    d["topk_logp"] = torch.full((r, kwargs["top_k"]), self.value)
+                if kwargs.get("ids_field"):
+                    d["ids_logp"] = torch.full((r, 3), self.value)
+                scores[s.uid] = d
+            out.append(scores)
+        return out
+
+
+def test_each_sample_scored_by_its_teacher_and_reference() -> None:
+    samples = make_samples(9, seed=0, teachers=("math", "code", "math"))
+    groups = driver.Groups(
+        student=FakeGroup("student", -9.0),
+        teachers={"math": FakeGroup("math", -1.0), "code": FakeGroup("code", -2.0, dp_size=3)},
+        references={"math": FakeGroup("ref-math", -3.0), "code": FakeGroup("ref-code", -4.0)},
+    )
+    needs = Requirements(teacher_logp=True, reference="teacher_base", old_logp=True, support="teacher_topk", top_k=4)
+    driver.score(None, samples, groups, needs)  # type: ignore[arg-type]
+    expected = {"math": (-1.0, -3.0), "code": (-2.0, -4.0)}
+    for s in samples:
+        t, r = expected[s.teacher]
+        assert torch.all(s.teacher_logp == t) and torch.all(s.ref_logp == r)
+        assert torch.all(s.teacher_topk_logp == t) and s.teacher_topk_ids.shape == (s.response_len, 4)
+        assert torch.all(s.old_logp == -9.0)
+    math_uids = sorted(s.uid for s in samples if s.teacher == "math")
+    assert [c["uids"] for c in groups.teachers["math"].calls] == [math_uids]
+    assert groups.teachers["code"].calls[0]["top_k"] == 4
+    assert groups.student.calls[0]["top_k"] == 0  # ℓ_old only; no student top-K without student_topk support
+
+
+def test_nothing_extra_is_computed() -> None:
+    samples = make_samples(4, seed=1)
+    student, teacher = FakeGroup("student", -9.0), FakeGroup("default", -1.0)
+    groups = driver.Groups(student=student, teachers={"default": teacher}, references={})
+    driver.score(None, samples, groups, Requirements(teacher_logp=True))  # type: ignore[arg-type]
+    assert student.calls == [] and teacher.calls[0]["top_k"] == 0 and teacher.calls[0]["ids_field"] is None
+    assert all(s.ref_logp is None and s.old_logp is None for s in samples)
+
+
+def test_student_topk_support_round_trip() -> None:
+    samples = make_samples(4, seed=2)
+    student, teacher = FakeGroup("student", -9.0), FakeGroup("default", -1.0)
+    groups = driver.Groups(student=student, teachers={"default": teacher}, references={})
+    driver.score(None, samples, groups, Requirements(teacher_logp=True, support="student_topk", top_k=3))  # type: ignore[arg-type]
+    assert student.calls[0]["top_k"] == 3  # the student's top-K first ...
+    assert teacher.calls[0]["ids_field"] == "student_topk_ids"  # ... then the teacher scores at those ids
+    assert all(s.teacher_ids_logp is not None and s.student_topk_ids is not None for s in samples)

@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import BENCHMARK_FILES, build_byte_tokenizer
 
 from megatron_opd.cli import main as opd
 from megatron_opd.models.tiny import save_tiny_model, tiny_config
+from tests.eval.conftest import BENCHMARK_FILES, build_byte_tokenizer
 
 
 @pytest.fixture(scope="module")

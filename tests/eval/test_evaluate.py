@@ -10,11 +10,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import BENCHMARK_FILES, FIXTURES, ScriptedEngine
 
 from megatron_opd.config.errors import ConfigError
 from megatron_opd.data import DataConfig, DataError
 from megatron_opd.eval import EvalConfig, evaluate
+from tests.eval.conftest import BENCHMARK_FILES, FIXTURES, ScriptedEngine
 
 N = 4
 # The wrong answers that still pass the base tests (see fixtures/make_fixtures.py): EvalPlus' point.

@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_cases import (
+
+from megatron_opd.config.errors import ConfigError
+from megatron_opd.kernels import linear_token_logprobs, token_logprobs
+from tests.kernels.kernel_cases import (
     assert_close_grad,
     assert_close_outputs,
     linear_ours_with_grad,
     linear_reference_with_grad,
     make_linear_case,
 )
-
-from megatron_opd.config.errors import ConfigError
-from megatron_opd.kernels import linear_token_logprobs, token_logprobs
 
 
 @pytest.fixture(params=["torch", "triton"])

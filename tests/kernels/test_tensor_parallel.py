@@ -6,7 +6,10 @@ All cases run in one spawned world (starting one costs ~15 s on this machine).""
 from __future__ import annotations
 
 import torch
-from kernel_cases import (
+
+from megatron_opd.kernels.reference import topk_logprobs_reference
+from megatron_opd.platform.spawn import spawn_world
+from tests.kernels.kernel_cases import (
     assert_close_grad,
     assert_close_outputs,
     linear_reference_with_grad,
@@ -16,9 +19,6 @@ from kernel_cases import (
     reference_with_grad,
     tp_worker,
 )
-
-from megatron_opd.kernels.reference import topk_logprobs_reference
-from megatron_opd.platform.spawn import spawn_world
 
 # name -> (backend, n, v, k_ids, k_top, dtype, temperature, splits)
 CASES = {

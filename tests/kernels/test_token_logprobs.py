@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_cases import (
+
+from megatron_opd.config.errors import ConfigError
+from megatron_opd.kernels import token_logprobs
+from tests.kernels.kernel_cases import (
     assert_close_grad,
     assert_close_outputs,
     make_case,
     ours_with_grad,
     reference_with_grad,
 )
-
-from megatron_opd.config.errors import ConfigError
-from megatron_opd.kernels import token_logprobs
 
 BACKENDS = ["torch", "triton"]
 

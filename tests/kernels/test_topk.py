@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_cases import make_case
 
 from megatron_opd.config.errors import ConfigError
 from megatron_opd.kernels import topk_logprobs
 from megatron_opd.kernels.reference import topk_logprobs_reference
+from tests.kernels.kernel_cases import make_case
 
 BACKENDS = ["torch", "triton"]
 

@@ -1,9 +1,9 @@
 """launch/slurm/opd.sbatch on a real Slurm (slurmctld + slurmd on localhost) with the CPU demo config.
 
-- a 2-node job: Ray head + Ray worker joined, opd train runs to the end, checkpoint + metrics, nothing left;
-- a 2-node job with OPD_ROLLOUT_NODES=1: rollout servers (`opd serve`) on the last node, the trainer attached;
-- stop and resume: the time-limit path (USR1 to the batch shell: checkpoint, requeue, the requeued job resumes),
-  a plain `scancel` (everything killed, nothing left), and a resubmission that resumes and completes;
+- one run through the life of a job: a 2-node start (Ray worker joined), the time limit's USR1 (checkpoint,
+  requeue, the requeued attempt resumes), a plain `scancel` (everything ends, nothing left), a resubmission
+  with the rollouts served from the second node (`opd serve`, the trainer attached to its URL) that resumes
+  and completes with checkpoint, metrics and summary;
 - a layout the allocation cannot hold fails before anything starts.
 """
 
@@ -22,6 +22,7 @@ from tests.launch.conftest import REPO
 from tests.launch.slurm_cluster import SlurmCluster
 
 SBATCH = REPO / "launch" / "slurm" / "opd.sbatch"
+STEPS = 12  # enough that every stop lands before the end
 
 
 def submit(
@@ -38,7 +39,7 @@ def submit(
         "--gpus-per-node=0",
         f"--output={tmp_path}/slurm-%j.out",
         str(SBATCH),
-        str(config.relative_to(REPO)),
+        str(config),
         f"run_dir={tmp_path / 'run'}",
         *overrides,
         cwd=REPO,
@@ -78,66 +79,51 @@ def assert_clean(slurm: SlurmCluster, job_id: int) -> None:
     assert not left, f"job {job_id} left processes behind: {left}"
 
 
-def test_two_node_job_completes(slurm: SlurmCluster, tmp_path: Path, job_env: dict[str, str], demo_config: Path):
-    job = submit(slurm, tmp_path, job_env, demo_config, "trainer.steps=3", nodes=2)
-    info = slurm.wait_job(job, {"COMPLETED", "FAILED", "CANCELLED"}, timeout_s=300)
-    log = output(tmp_path, job)
-    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-4000:]
-    assert "wait-ray: 2 Ray node(s) alive" in log, log[-4000:]
-    run = tmp_path / "run"
-    assert steps_logged(run) == [1, 2, 3]
-    assert checkpoints(run)[-1] == 3
-    assert json.loads((run / "summary.json").read_text())["steps"] == 3
-    assert (Path(job_env["OPD_LOG_DIR"]) / "ray-worker-n2.log").is_file()
-    assert_clean(slurm, job)
+def test_stop_requeue_cancel_resume_complete(
+    slurm: SlurmCluster, tmp_path: Path, job_env: dict[str, str], demo_config: Path
+):
+    """One run through every way a job starts and ends (each attempt costs a full trainer start-up)."""
+    run, logs = tmp_path / "run", Path(job_env["OPD_LOG_DIR"])
+    args = (f"trainer.steps={STEPS}", "trainer.save_every=1")
 
+    # attempt 0, two nodes: the Ray worker joins the head
+    job = submit(slurm, tmp_path, job_env, demo_config, *args, nodes=2)
+    wait_for("a first step", lambda: steps_logged(run), 300, slurm, job, tmp_path)
+    assert "wait-ray: 2 Ray node(s) alive" in output(tmp_path, job)
+    assert (logs / "ray-worker-n2.log").is_file()
 
-def test_rollout_nodes(slurm: SlurmCluster, tmp_path: Path, job_env: dict[str, str], demo_config: Path):
-    env = {**job_env, "OPD_ROLLOUT_NODES": "1", "OPD_ROLLOUT_SERVER": "opd"}
-    job = submit(slurm, tmp_path, env, demo_config, "trainer.steps=2", nodes=2)
-    info = slurm.wait_job(job, {"COMPLETED", "FAILED", "CANCELLED"}, timeout_s=300)
-    log = output(tmp_path, job)
-    assert info["JobState"] == "COMPLETED", log[-4000:]
-    assert "wait-ray: 1 Ray node(s) alive" in log and "rollout servers: http://127.0.0.1:" in log, log[-4000:]
-    urls = (Path(job_env["OPD_LOG_DIR"]) / "rollout" / "n2.urls").read_text().split()
-    rollout = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["rollout"]
-    assert rollout["engine"] == "sglang" and rollout["sglang"]["urls"] == urls
-    assert steps_logged(tmp_path / "run") == [1, 2]
-    assert_clean(slurm, job)
-
-
-def test_stop_requeue_cancel_resume(slurm: SlurmCluster, tmp_path: Path, job_env: dict[str, str], demo_config: Path):
-    run = tmp_path / "run"
-    args = ("trainer.steps=6", "trainer.save_every=1")
-    job = submit(slurm, tmp_path, job_env, demo_config, *args)
-
-    # the time limit's warning: USR1 to the batch shell only (what --signal=B:USR1@300 does)
-    wait_for("first step", lambda: steps_logged(run), 300, slurm, job, tmp_path)
+    # the time limit's warning is USR1 to the batch shell only (--signal=B:USR1@300): checkpoint, then requeue
     subprocess.run(["scancel", "--batch", "--signal=USR1", str(job)], env=slurm.env(), check=True)
-    wait_for("requeue", lambda: slurm.job(job).get("Restarts") == "1", 120, slurm, job, tmp_path)
+    wait_for("a requeue", lambda: slurm.job(job).get("Restarts") == "1", 180, slurm, job, tmp_path)
     first = steps_logged(run)
-    assert checkpoints(run)[-1] == first[-1], "the stop must checkpoint the last finished step"
-    assert "opd train exited with code 138" in output(tmp_path, job)
+    assert "opd train exited with code 138" in output(tmp_path, job), output(tmp_path, job)[-4000:]
+    assert checkpoints(run)[-1] == first[-1] < STEPS, "the stop must checkpoint the last finished step"
 
-    # the requeued attempt resumes at the next step
+    # attempt 1 (Slurm starts it again): resumes at the next step
     wait_for("a resumed step", lambda: len(steps_logged(run)) > len(first), 300, slurm, job, tmp_path)
     assert steps_logged(run)[len(first)] == first[-1] + 1
 
-    # plain scancel: Slurm signals every process; the job ends and nothing survives
+    # a plain scancel: Slurm signals every process of the job at once; it ends and nothing survives
     subprocess.run(["scancel", str(job)], env=slurm.env(), check=True)
     info = slurm.wait_job(job, {"CANCELLED"}, timeout_s=120)
     assert info["Restarts"] == "1"
     assert_clean(slurm, job)
 
-    # a resubmission continues after the last complete checkpoint and finishes
-    last = checkpoints(run)[-1]
-    before = len(steps_logged(run))
-    again = submit(slurm, tmp_path, job_env, demo_config, *args)
+    # a resubmission, with the rollouts served from the second node: resumes after the last complete
+    # checkpoint and runs to the end
+    last, before = checkpoints(run)[-1], len(steps_logged(run))
+    env = {**job_env, "OPD_ROLLOUT_NODES": "1", "OPD_ROLLOUT_SERVER": "opd"}
+    again = submit(slurm, tmp_path, env, demo_config, *args, nodes=2)
     info = slurm.wait_job(again, {"COMPLETED", "FAILED", "CANCELLED"}, timeout_s=300)
-    assert info["JobState"] == "COMPLETED", output(tmp_path, again)[-4000:]
-    resumed = steps_logged(run)[before:]
-    assert resumed == list(range(last + 1, 7)), resumed
-    assert checkpoints(run)[-1] == 6
+    log = output(tmp_path, again)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-4000:]
+    assert "wait-ray: 1 Ray node(s) alive" in log and "rollout servers: http://127.0.0.1:" in log, log[-4000:]
+    urls = (logs / "rollout" / "n2.urls").read_text().split()
+    rollout = yaml.safe_load((run / "config.yaml").read_text())["rollout"]
+    assert rollout["engine"] == "sglang" and rollout["sglang"]["urls"] == urls
+    assert steps_logged(run)[before:] == list(range(last + 1, STEPS + 1))
+    assert checkpoints(run)[-1] == STEPS
+    assert json.loads((run / "summary.json").read_text())["steps"] == STEPS
     assert_clean(slurm, again)
 
 

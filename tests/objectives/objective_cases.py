@@ -8,7 +8,6 @@ import dataclasses
 import math
 from typing import Any
 
-import objective_plain as plain
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -17,6 +16,7 @@ from megatron_opd.objectives.base import TokenBatch
 from megatron_opd.objectives.config import ObjectiveConfig
 from megatron_opd.objectives.metrics import reduce_metrics
 from megatron_opd.objectives.registry import build_objective
+from tests.objectives import objective_plain as plain
 
 TEACHERS = ("math", "code")
 

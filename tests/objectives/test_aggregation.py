@@ -6,7 +6,6 @@ from __future__ import annotations
 import itertools
 import math
 
-import objective_cases as oc
 import pytest
 import torch
 
@@ -17,6 +16,7 @@ from megatron_opd.objectives.config import ObjectiveConfig
 from megatron_opd.objectives.lsm import special_token_ids
 from megatron_opd.objectives.metrics import merge_metrics, reduce_metrics
 from megatron_opd.objectives.registry import build_objective
+from tests.objectives import objective_cases as oc
 
 
 def _batch(seed: int, seqs: int = 7) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -6,12 +6,12 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import objective_cases as oc
 import pytest
 import torch
 
 from megatron_opd.objectives import reference as ref
 from megatron_opd.objectives.config import ObjectiveConfig
+from tests.objectives import objective_cases as oc
 
 
 def _close(a: tuple, b: tuple) -> None:

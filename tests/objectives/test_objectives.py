@@ -7,12 +7,12 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import objective_cases as oc
 import pytest
 import torch
 
 from megatron_opd.objectives.config import ObjectiveConfig
 from megatron_opd.objectives.registry import build_objective
+from tests.objectives import objective_cases as oc
 
 # id -> (ObjectiveConfig kwargs, build kwargs, case kwargs)
 CONFIGS: dict[str, tuple[dict, dict, dict]] = {

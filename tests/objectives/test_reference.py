@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import math
 
-import objective_plain as plain
 import pytest
 import torch
 
 from megatron_opd.objectives import reference as ref
+from tests.objectives import objective_plain as plain
 
 SHAPES = [(1, 5), (7, 37), (5, 130), (9, 64)]
 

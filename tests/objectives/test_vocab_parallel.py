@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import math
 
-import objective_cases as oc
 import pytest
 import torch
-from test_aggregation import _batch, _plain_global
-from test_objectives import CONFIGS, _check, _expected
 
 from megatron_opd.objectives.config import ObjectiveConfig
 from megatron_opd.platform.spawn import spawn_world
+from tests.objectives import objective_cases as oc
+from tests.objectives.test_aggregation import _batch, _plain_global
+from tests.objectives.test_objectives import CONFIGS, _check, _expected
 
 TP_CONFIGS = [
     "opd",

@@ -92,11 +92,27 @@ def test_override_syntax(tmp_path: Path, models: dict[str, str]) -> None:
 @pytest.mark.parametrize(
     "override, key, text",
     [
-        ("student.parallel.tensor_model_parallel_size=3", "student.parallel.tensor_model_parallel_size", "num_query_groups=4"),
-        ("student.parallel.pipeline_model_parallel_size=3", "student.parallel.pipeline_model_parallel_size", "num_hidden_layers=4"),
+        (
+            "student.parallel.tensor_model_parallel_size=3",
+            "student.parallel.tensor_model_parallel_size",
+            "num_query_groups=4",
+        ),
+        (
+            "student.parallel.pipeline_model_parallel_size=3",
+            "student.parallel.pipeline_model_parallel_size",
+            "num_hidden_layers=4",
+        ),
         ("student.parallel.expert_model_parallel_size=2", "student.parallel.expert_model_parallel_size", "dense"),
-        ("teachers.0.parallel.expert_model_parallel_size=2", "teachers.0.parallel.expert_model_parallel_size", "EP x ETP"),
-        ("teachers.0.parallel.expert_model_parallel_size=3", "teachers.0.parallel.expert_model_parallel_size", "num_experts=4"),
+        (
+            "teachers.0.parallel.expert_model_parallel_size=2",
+            "teachers.0.parallel.expert_model_parallel_size",
+            "EP x ETP",
+        ),
+        (
+            "teachers.0.parallel.expert_model_parallel_size=3",
+            "teachers.0.parallel.expert_model_parallel_size",
+            "num_experts=4",
+        ),
     ],
 )
 def test_indivisible_parallel_sizes(tmp_path: Path, models: dict[str, str], override: str, key: str, text: str) -> None:

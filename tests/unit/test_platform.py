@@ -18,11 +18,37 @@ def test_expand_slurm_nodelist() -> None:
 
 
 def test_detect_env_torchrun_slurm_single() -> None:
-    e = detect_env({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "3", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "1234"})
-    assert (e.rank, e.world_size, e.local_rank, e.master_addr, e.master_port, e.source) == (3, 8, 3, "10.0.0.1", 1234, "torchrun")
-    e = detect_env({"SLURM_PROCID": "9", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "gpu[10-11]", "SLURM_JOB_ID": "42"})
-    assert (e.rank, e.world_size, e.local_rank, e.master_addr, e.master_port, e.source) == (9, 16, 1, "gpu10", 20042, "slurm")
-    e = detect_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "x", "MASTER_ADDR": "y", "MASTER_PORT": "5"})
+    e = detect_env(
+        {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "3", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "1234"}
+    )
+    assert (e.rank, e.world_size, e.local_rank, e.master_addr, e.master_port, e.source) == (
+        3,
+        8,
+        3,
+        "10.0.0.1",
+        1234,
+        "torchrun",
+    )
+    e = detect_env(
+        {
+            "SLURM_PROCID": "9",
+            "SLURM_NTASKS": "16",
+            "SLURM_LOCALID": "1",
+            "SLURM_JOB_NODELIST": "gpu[10-11]",
+            "SLURM_JOB_ID": "42",
+        }
+    )
+    assert (e.rank, e.world_size, e.local_rank, e.master_addr, e.master_port, e.source) == (
+        9,
+        16,
+        1,
+        "gpu10",
+        20042,
+        "slurm",
+    )
+    e = detect_env(
+        {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "x", "MASTER_ADDR": "y", "MASTER_PORT": "5"}
+    )
     assert (e.master_addr, e.master_port) == ("y", 5)
     assert detect_env({}).source == "single"
 
@@ -51,11 +77,15 @@ def test_unsupported_hf_configs() -> None:
     cfg.rope_parameters = {"rope_theta": 1e6, "rope_type": "yarn", "factor": 4.0}
     with pytest.raises(qwen3.ModelConfigError, match="yarn"):
         qwen3.check_supported(cfg)
-    assert qwen3.moe_layer_pattern(tiny_config(moe=True, num_hidden_layers=4, decoder_sparse_step=2, mlp_only_layers=[3])) == [0, 1, 0, 0]
+    assert qwen3.moe_layer_pattern(
+        tiny_config(moe=True, num_hidden_layers=4, decoder_sparse_step=2, mlp_only_layers=[3])
+    ) == [0, 1, 0, 0]
 
 
 def test_cli_lists_every_subcommand() -> None:
-    out = subprocess.run([sys.executable, "-m", "megatron_opd", "--help"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "megatron_opd", "--help"], capture_output=True, text=True, check=True
+    ).stdout
     for name in ("train", "convert", "eval", "serve", "bench", "plot", "check"):
         assert f"  {name}" in out
     bad = subprocess.run([sys.executable, "-m", "megatron_opd", "frobnicate"], capture_output=True, text=True)

@@ -14,7 +14,7 @@ import pytest
 from tests.launch.slurm_cluster import SlurmCluster, SlurmUnavailable, ensure_packages, free_port
 
 REPO = Path(__file__).resolve().parents[2]
-DEMO_CONFIG = Path("/tmp/devopd/cfg.yaml")
+DEMO_CONFIG = REPO / "configs" / "demo" / "cpu.yaml"
 NODES = ["n1", "n2"]  # emulated nodes: a 2-node job has a Ray head and a Ray worker (or a rollout node)
 
 

@@ -39,7 +39,7 @@ def submit(
         "--gpus-per-node=0",
         f"--output={tmp_path}/slurm-%j.out",
         str(SBATCH),
-        str(config),
+        str(config.relative_to(REPO)),
         f"run_dir={tmp_path / 'run'}",
         *overrides,
         cwd=REPO,

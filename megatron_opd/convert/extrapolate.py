@@ -1,15 +1,17 @@
 """ExPO, model extrapolation (Zheng et al. 2025; OBJECTIVES.md §7): from a student and teachers of
 the same architecture, ``θ = θ_avg + α (θ_avg − θ_student)`` with ``θ_avg`` the teachers' mean.
 
-HF in, HF out, one tensor at a time: each output tensor is computed in float32 from the student's
-and every teacher's tensor of that name and cast back to the student's dtype. Config, generation
+HF in, HF out, one tensor name at a time and, within it, blocks of rows: the teachers' rows are read
+one after the other and accumulated in float32, and the result is cast back to the student's dtype.
+Memory holds one output tensor, one block and the output shard being filled. Config, generation
 config and tokenizer are the first teacher's (``θ_avg`` is the point extrapolated from).
 """
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -20,12 +22,20 @@ from megatron_opd.convert.mapping import hf_order_key
 from megatron_opd.convert.outdir import check_output
 from megatron_opd.convert.progress import ConversionReport, peak_rss_bytes
 
+DEFAULT_BLOCK_BYTES = 64 * 2**20
 
-def extrapolate_tensor(student: torch.Tensor, teachers: Sequence[torch.Tensor], alpha: float) -> torch.Tensor:
-    """``avg + alpha * (avg - student)``, ``avg`` the teachers' mean, computed in float32 and
-    returned in the student's dtype."""
-    avg = torch.stack([t.float() for t in teachers]).mean(dim=0)
-    return (avg + alpha * (avg - student.float())).to(student.dtype)
+
+def extrapolate_tensor(student: torch.Tensor, teachers: Iterable[torch.Tensor], alpha: float) -> torch.Tensor:
+    """``avg + alpha * (avg - student)`` as ``(1 + alpha) * avg - alpha * student``, ``avg`` the
+    teachers' mean, accumulated in float32 one teacher at a time (``teachers`` may be lazy), in
+    place; returned in the student's dtype."""
+    avg, n = None, 0
+    for teacher in teachers:
+        avg = teacher.float() if avg is None else avg.add_(teacher)
+        n += 1
+    if avg is None:
+        raise ValueError("ExPO needs at least one teacher")
+    return avg.div_(n).mul_(1.0 + alpha).sub_(student, alpha=alpha).to(student.dtype)
 
 
 def _check_compatible(student: HFCheckpointReader, teachers: Sequence[HFCheckpointReader]) -> list[str]:
@@ -48,11 +58,26 @@ def _check_compatible(student: HFCheckpointReader, teachers: Sequence[HFCheckpoi
 
 
 def iter_extrapolated(
-    student: HFCheckpointReader, teachers: Sequence[HFCheckpointReader], alpha: float
+    student: HFCheckpointReader,
+    teachers: Sequence[HFCheckpointReader],
+    alpha: float,
+    *,
+    block_bytes: int = DEFAULT_BLOCK_BYTES,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """The extrapolated tensors, one at a time, in HF order."""
+    """The extrapolated tensors, one at a time, in HF order; matrices are computed in blocks of rows
+    of at most ``block_bytes`` (in float32), so only the output tensor is ever held whole."""
     for name in _check_compatible(student, teachers):
-        yield name, extrapolate_tensor(student.get(name), [t.get(name) for t in teachers], alpha)
+        shape = student.shape(name)
+        if len(shape) < 2:  # norms: small
+            yield name, extrapolate_tensor(student.get(name), (t.get(name) for t in teachers), alpha)
+            continue
+        out = torch.empty(shape, dtype=student.dtype(name))
+        step = max(1, block_bytes // (4 * math.prod(shape[1:])))
+        for a in range(0, shape[0], step):
+            b = min(a + step, shape[0])
+            rows = (t.get_rows(name, a, b) for t in teachers)
+            out[a:b] = extrapolate_tensor(student.get_rows(name, a, b), rows, alpha)
+        yield name, out
 
 
 def extrapolate(

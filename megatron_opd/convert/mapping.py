@@ -167,24 +167,29 @@ def hf_to_shard(kind: Kind, hf: list[Tensor], rank: int, size: int, attn: Attent
     raise ValueError(f"unknown kind {kind!r}")
 
 
+def _cat(tensors: list[Tensor], dim: int) -> Tensor:
+    """``torch.cat``, without the copy when there is one tensor (TP=1: a view of it)."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=dim)
+
+
 def shards_to_hf(kind: Kind, shards: list[Tensor], attn: AttentionShape | None = None) -> list[Tensor]:
     """The HF tensors of a Megatron parameter from its TP shards (rank order); inverse of
-    :func:`hf_to_shard`."""
+    :func:`hf_to_shard`. With one shard the results may be views of it."""
     if kind == "replicated":
         return [shards[0]]
     if kind == "column":
-        return [torch.cat(shards, dim=0)]
+        return [_cat(shards, 0)]
     if kind == "row":
-        return [torch.cat(shards, dim=1)]
+        return [_cat(shards, 1)]
     if kind == "gated":
         halves = [s.chunk(2, dim=0) for s in shards]
-        return [torch.cat([g for g, _ in halves], dim=0), torch.cat([u for _, u in halves], dim=0)]
+        return [_cat([g for g, _ in halves], 0), _cat([u for _, u in halves], 0)]
     if kind == "qkv":
         assert attn is not None
         ng, hd = attn.num_query_groups, attn.head_dim
         qpg = attn.num_heads // ng
         h = shards[0].shape[-1]
-        full = torch.cat([s.reshape(-1, (qpg + 2) * hd, h) for s in shards], dim=0)
+        full = _cat([s.reshape(-1, (qpg + 2) * hd, h) for s in shards], 0)
         q, k, v = full.split([qpg * hd, hd, hd], dim=1)
         return [q.reshape(-1, h), k.reshape(-1, h), v.reshape(-1, h)]
     raise ValueError(f"unknown kind {kind!r}")

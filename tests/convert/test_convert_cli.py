@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from megatron_opd.convert import cli
+from megatron_opd.convert.extrapolate import iter_extrapolated
 from megatron_opd.convert.hf_io import HFCheckpointReader
 from megatron_opd.models.tiny import save_tiny_model, tiny_config
 
@@ -84,6 +85,9 @@ def test_extrapolate_matches_direct_computation(tmp_path: Path, capsys: pytest.C
         want = avg + 0.5 * (avg - student.get(name).double())
         torch.testing.assert_close(got.get(name).double(), want, rtol=1e-6, atol=1e-7, msg=name)
         assert got.get(name).dtype == student.get(name).dtype
+    # in blocks of a few rows: the same numbers
+    for name, tensor in iter_extrapolated(student, [t1, t2], 0.5, block_bytes=1024):
+        assert torch.equal(tensor, got.get(name)), name
 
 
 def _llama(path: Path) -> None:

@@ -5,7 +5,7 @@ checkpoint directories.
 parameter: e.g. ``linear_qkv`` -> q, k, v; an expert's ``linear_fc1`` -> gate, up) in HF order. For
 each, the ranks holding it (one DP replica: the TP / expert-TP group of its pipeline stage and EP
 rank) all-gather its TP shards, the group's TP rank 0 rebuilds the HF tensors, and sends them to
-every rank (broadcast) or to ``dst`` only. Memory: one group at a time. Every rank must run the
+rank ``dst`` (default 0) or to every rank (``dst=None``, a broadcast). Memory: one group at a time. Every rank must run the
 iterator to its end in the same order (it is made of collectives).
 """
 
@@ -87,15 +87,15 @@ def _gather(param: torch.Tensor, mapping: ParamMapping) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def iter_hf_tensors(
-    model: torch.nn.Module, hf_config: Any, *, dst: int | None = None
+    model: torch.nn.Module, hf_config: Any, *, dst: int | None = 0
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """``(hf_name, full tensor)`` for every tensor of the model, gathered over TP / expert TP, EP and
     PP, in HF order, with HF on-disk names (per-expert keys; no ``lm_head.weight`` when tied).
 
-    Call inside the model's initialized world on every rank. ``dst=None``: every rank receives
-    every tensor; ``dst=r``: only global rank ``r`` yields (the others yield nothing but must still
-    exhaust the iterator). Tensors are on the model's device, in its dtype; copy what you keep
-    beyond the next step.
+    Call inside the model's initialized world on every rank. ``dst=r`` (default 0): only global
+    rank ``r`` yields, the others yield nothing but must still exhaust the iterator; ``dst=None``:
+    every rank receives every tensor (a broadcast per tensor). Tensors are on the model's device,
+    in its dtype, and may be views of the parameters (TP=1): copy what you keep.
     """
     groups, local = _catalogue(model, hf_config)
     attn = AttentionShape.of(hf_config)

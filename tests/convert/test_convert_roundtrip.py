@@ -78,7 +78,7 @@ def _world4(hf_dirs: dict[str, str], root: str, ids: torch.Tensor) -> dict:
     from megatron_opd.platform.distributed import init_model_parallel
 
     rank = torch.distributed.get_rank()
-    out: dict = {"logits": {}, "tensors": {}, "keys": {}, "dst": {}}
+    out: dict = {"logits": {}, "tensors": {}, "keys": {}, "dst": {}, "dst0": 0}
     for name, path in hf_dirs.items():
         moe = CASES[name][0]
         for tag, sizes in LAYOUTS.items():
@@ -94,10 +94,11 @@ def _world4(hf_dirs: dict[str, str], root: str, ids: torch.Tensor) -> dict:
             # every rank answers; the parent keeps a last-stage one
             out["logits"][(name, tag)] = gathered
             if tag == "A":  # live model at layout B (TP=2, PP=2[, EP=2])
-                tensors = {n: t.clone() for n, t in iter_hf_tensors(model, cfg)}
+                tensors = {n: t.clone() for n, t in iter_hf_tensors(model, cfg, dst=None)}
                 out["tensors"][name] = tensors if rank == 0 else len(tensors)
                 if name == "moe":
                     out["dst"] = {n: t.clone() for n, t in iter_hf_tensors(model, cfg, dst=1)}
+                    out["dst0"] = len(list(iter_hf_tensors(model, cfg)))
             else:  # layout A: TP=PP=EP=1
                 keys = {v.key for v in nested_values(model.sharded_state_dict()) if not v.key.endswith("_extra_state")}
                 out["keys"][name] = sorted(keys)
@@ -188,6 +189,7 @@ def test_iter_hf_tensors_of_live_sharded_model(run: dict, name: str) -> None:
 
 def test_iter_hf_tensors_to_one_rank(run: dict) -> None:
     assert [bool(r["dst"]) for r in run["ranks"]] == [False, True, False, False]
+    assert [r["dst0"] for r in run["ranks"]] == [len(HFCheckpointReader(run["hf"]["moe"]).keys()), 0, 0, 0]
     _assert_same_tensors(run["ranks"][1]["dst"], HFCheckpointReader(run["hf"]["moe"]), "moe to rank 1")
 
 

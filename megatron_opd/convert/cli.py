@@ -38,7 +38,9 @@ def _positive(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="opd convert", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="opd convert", description="Checkpoint conversion between Hugging Face and Megatron-Core, and ExPO."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("hf-to-mcore", help="HF safetensors -> Megatron-Core torch_dist checkpoint")

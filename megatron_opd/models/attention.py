@@ -4,8 +4,9 @@ Transformer Engine.
 megatron-core's local ``DotProductAttention`` materializes the [b, heads, s, s] score matrix in
 the activation dtype. On Hopper, SDPA dispatches to flash / cuDNN / memory-efficient kernels that
 never do; on CPU it is PyTorch's fused CPU kernel. GQA is native (``enable_gqa``), so keys and
-values are not repeated. Packed sequences (``PackedSeqParams`` with ``qkv_format="thd"``) are
-handled by running each packed sequence as its own causal block.
+values are not repeated. Packed sequences (``PackedSeqParams`` with ``qkv_format="thd"``) run as
+one variable-length flash-attention call on CUDA, and as one causal SDPA block per sequence
+elsewhere.
 """
 
 from __future__ import annotations
@@ -18,6 +19,11 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from torch import Tensor
+
+try:  # PyTorch >= 2.9: variable-length flash attention (CUDA)
+    from torch.nn.attention.varlen import varlen_attn as _varlen_attn
+except ImportError:  # pragma: no cover - older PyTorch
+    _varlen_attn = None
 
 
 class SDPAttention(DotProductAttention):
@@ -69,8 +75,25 @@ class SDPAttention(DotProductAttention):
     def _forward_packed(
         self, query: Tensor, key: Tensor, value: Tensor, params: PackedSeqParams, dropout: float
     ) -> Tensor:
-        """THD layout: ``query`` [t, 1, np, hn] (or [t, np, hn]); one causal block per sequence."""
+        """THD layout: ``query`` [t, 1, np, hn] (or [t, np, hn]); one causal block per sequence.
+        On CUDA, PyTorch's variable-length flash attention runs all sequences in one kernel."""
         squeeze = query.dim() == 3
+        if query.is_cuda and _varlen_attn is not None and dropout == 0.0:
+            q, k, v = (t if squeeze else t.squeeze(1) for t in (query, key, value))
+            out = _varlen_attn(
+                q,
+                k,
+                v,
+                params.cu_seqlens_q,
+                params.cu_seqlens_kv,
+                int(params.max_seqlen_q),
+                int(params.max_seqlen_kv),
+                scale=self.softmax_scale,
+                window_size=(-1, 0),  # causal
+                enable_gqa=q.shape[1] != k.shape[1],
+            )
+            out = out.reshape(out.shape[0], self.hidden_size_per_partition)
+            return out if squeeze else out.unsqueeze(1)
         if squeeze:
             query, key, value = (t.unsqueeze(1) for t in (query, key, value))
         bounds = params.cu_seqlens_q.tolist()

@@ -57,7 +57,7 @@ def score_microbatches(
     device = "cuda" if torch.cuda.is_available() else "cpu"
 
     def step(m: torch.nn.Module, mb: MicroBatch) -> tuple[Tensor, object]:
-        out = model_forward(m, {"input_ids": mb.input_ids.to(device)})
+        out = model_forward(m, mb.model_inputs(device))
 
         def collect(output: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
             scores = score_rows(

@@ -2,9 +2,14 @@
 
 A :class:`Sample` is one prompt + sampled response with everything the step learns about it
 (rollout log-probs, teacher/reference scores, the loss mask). Worker groups receive lists of
-samples for their data-parallel rank and cut them into :class:`MicroBatch`es under a token budget:
-right-padded ``[b, L]`` token ids (causal attention makes right padding invisible to real tokens,
-so no attention mask is needed) and the flat positions whose logits predict response tokens.
+samples for their data-parallel rank and cut them into :class:`MicroBatch`es under a token budget,
+either
+- packed (default): all sequences back to back in one row ``[1, T]`` with per-sequence positions
+  and ``PackedSeqParams`` (THD), so attention and RoPE restart at every sequence and no compute is
+  spent on padding; or
+- padded: right-padded ``[b, L]`` rows (causal attention makes right padding invisible to real
+  tokens, so no attention mask is needed);
+plus the flat positions whose logits predict response tokens.
 """
 
 from __future__ import annotations
@@ -54,14 +59,30 @@ class Sample:
 @dataclasses.dataclass
 class MicroBatch:
     samples: list[Sample]
-    input_ids: Tensor  # [b, L] right-padded
+    input_ids: Tensor  # [b, L] right-padded, or [1, T] packed
     positions: Tensor  # [N] flat indices into [b * L] of logits predicting response tokens
     labels: Tensor  # [N] the response tokens
     seq_index: Tensor  # [N] index into ``samples`` of each token
+    position_ids: Tensor | None = None  # [1, T] restarting at every packed sequence
+    cu_seqlens: Tensor | None = None  # [S + 1] int32 sequence boundaries of a packed row
 
     @property
     def num_tokens(self) -> int:
         return int(self.labels.numel())
+
+    def model_inputs(self, device: str | torch.device) -> dict[str, Any]:
+        """Keyword inputs of :func:`megatron_opd.models.forward.model_forward`."""
+        inputs: dict[str, Any] = {"input_ids": self.input_ids.to(device)}
+        if self.cu_seqlens is not None:
+            from megatron.core.packed_seq_params import PackedSeqParams
+
+            cu = self.cu_seqlens.to(device)
+            longest = int((self.cu_seqlens[1:] - self.cu_seqlens[:-1]).max())
+            inputs["position_ids"] = self.position_ids.to(device)
+            inputs["packed_seq_params"] = PackedSeqParams(
+                qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest, max_seqlen_kv=longest
+            )
+        return inputs
 
     def per_token(self, field: str) -> Tensor | None:
         """Concatenate a per-response-token field of the samples, in token order (None if absent)."""
@@ -104,6 +125,42 @@ def build_microbatch(
     )
 
 
+def build_packed_microbatch(
+    samples: list[Sample], pad_id: int, multiple_of: int = 1, length: int | None = None
+) -> MicroBatch:
+    """All samples back to back in one row ``[1, T]``, ``T`` = their total length rounded up to
+    ``multiple_of`` (or ``length``); the padding tail is one more sequence of its own."""
+    total = sum(s.num_tokens for s in samples)
+    padded = max(-(-max(total, 1) // multiple_of) * multiple_of, length or 0)
+    ids = torch.full((1, padded), pad_id, dtype=torch.long)
+    pos = torch.zeros((1, padded), dtype=torch.long)
+    bounds = [0]
+    positions, labels, seq_index = [], [], []
+    for i, s in enumerate(samples):
+        start = bounds[-1]
+        tokens = s.prompt_ids + s.response_ids
+        ids[0, start : start + len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+        pos[0, start : start + len(tokens)] = torch.arange(len(tokens))
+        p = start + len(s.prompt_ids)
+        positions.append(torch.arange(p - 1, p - 1 + s.response_len))
+        labels.append(torch.tensor(s.response_ids, dtype=torch.long))
+        seq_index.append(torch.full((s.response_len,), i, dtype=torch.long))
+        bounds.append(start + len(tokens))
+    if bounds[-1] < padded:
+        pos[0, bounds[-1] :] = torch.arange(padded - bounds[-1])
+        bounds.append(padded)
+    empty = torch.zeros(0, dtype=torch.long)
+    return MicroBatch(
+        samples,
+        ids,
+        torch.cat([empty, *positions]),
+        torch.cat([empty, *labels]),
+        torch.cat([empty, *seq_index]),
+        position_ids=pos,
+        cu_seqlens=torch.tensor(bounds, dtype=torch.int32),
+    )
+
+
 def common_shapes(shapes_per_rank: list[list[tuple[int, int]]]) -> list[tuple[int, int]]:
     """Micro-batch shapes every rank can use: as many micro-batches as the rank with the most, each
     as large as the largest i-th micro-batch of any rank. Ranks that exchange tokens inside every
@@ -116,11 +173,25 @@ def common_shapes(shapes_per_rank: list[list[tuple[int, int]]]) -> list[tuple[in
     return out
 
 
-def split_by_token_budget(samples: list[Sample], max_tokens: int, multiple_of: int = 1) -> list[list[Sample]]:
-    """Greedy micro-batching: longest first, a micro-batch grows while ``b x L_padded <= max_tokens``.
-    A sample longer than the budget gets a micro-batch of its own."""
+def split_by_token_budget(
+    samples: list[Sample], max_tokens: int, multiple_of: int = 1, packed: bool = False
+) -> list[list[Sample]]:
+    """Greedy micro-batching, longest first. Packed: first fit while the summed length stays within
+    ``max_tokens``; padded: a micro-batch grows while ``b x L_padded <= max_tokens``. A sample longer
+    than the budget gets a micro-batch of its own."""
     order = sorted(samples, key=lambda s: s.num_tokens, reverse=True)
     groups: list[list[Sample]] = []
+    if packed:
+        loads: list[int] = []
+        for s in order:
+            fit = next((i for i, load in enumerate(loads) if load + s.num_tokens <= max_tokens), None)
+            if fit is None:
+                groups.append([s])
+                loads.append(s.num_tokens)
+            else:
+                groups[fit].append(s)
+                loads[fit] += s.num_tokens
+        return groups
     for s in order:
         if groups:
             cur = groups[-1]

@@ -33,6 +33,10 @@ STATE = "trainer_state.json"
 _ITER_RE = re.compile(r"^iter_(\d{7})$")
 
 
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written (disk full, a rank died); the complete ones are intact."""
+
+
 class CheckpointManager:
     """Directory bookkeeping for one run's checkpoints (driver side). ``hf_source``: the student's
     HF directory, whose config and tokenizer are copied to ``hf/`` so the checkpoints are
@@ -90,6 +94,20 @@ class CheckpointManager:
         self.prune()
         return final
 
+    def failed(self, tmp: Path | None, step: int, error: BaseException) -> CheckpointSaveError:
+        """Remove the partial checkpoint ``tmp``; the error to raise, naming the cause and what survives."""
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        cause = lines[-1] if lines else type(error).__name__
+        latest = self.latest()
+        kept = f"the last complete checkpoint, {latest}, is intact" if latest else "no checkpoint is complete yet"
+        return CheckpointSaveError(
+            f"step {step}: the checkpoint could not be written into {self.root} ({cause}); the partial "
+            f"checkpoint was removed and {kept}. Fix the cause (a full disk: free space or lower "
+            "trainer.keep_last), then run again with resume: auto."
+        )
+
     def prune(self) -> None:
         steps = self.complete_steps()
         for step in steps[: max(0, len(steps) - self.keep_last)]:
@@ -106,14 +124,51 @@ def resolve_resume(resume: str, manager: CheckpointManager) -> Path | None:
     if resume == "never":
         return None
     if resume == "auto":
-        return manager.latest()
-    path = Path(resume)
-    if (path / MARKER).is_file():
-        return path
-    latest = CheckpointManager(path, keep_last=1 << 30).latest()
-    if latest is None:
-        raise FileNotFoundError(f"resume={resume!r}: no complete checkpoint there (missing {MARKER} marker)")
+        latest = manager.latest()
+    elif (Path(resume) / MARKER).is_file():
+        latest = Path(resume)
+    else:
+        latest = CheckpointManager(resume, keep_last=1 << 30).latest()
+        if latest is None:
+            raise FileNotFoundError(f"resume={resume!r}: no complete checkpoint there (missing {MARKER} marker)")
+    if latest is not None and manager.hf_source is not None:
+        check_same_model(latest, manager.hf_source, resume)
     return latest
+
+
+# Fields of an HF config that fix the shapes of the weights.
+ARCHITECTURE_KEYS = (
+    "model_type",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "num_experts",
+    "moe_intermediate_size",
+    "tie_word_embeddings",
+)
+
+
+def check_same_model(ckpt: Path, hf_dir: str, resume: str) -> None:
+    """Refuse, before any worker starts, a checkpoint whose ``hf/config.json`` (written beside every
+    training checkpoint) describes another architecture than the student's."""
+    from megatron_opd.config.errors import ConfigError
+
+    saved = ckpt.parent / HF_SUBDIR / "config.json"
+    if not saved.is_file():
+        return
+    theirs, ours = json.loads(saved.read_text()), json.loads((Path(hf_dir) / "config.json").read_text())
+    diff = [f"{k} {theirs.get(k)} vs {ours.get(k)}" for k in ARCHITECTURE_KEYS if theirs.get(k) != ours.get(k)]
+    if diff:
+        raise ConfigError(
+            "resume",
+            resume,
+            f"{ckpt} is a checkpoint of another model than student.path ({', '.join(diff)}).",
+            "resume from a checkpoint of this student, or start afresh (resume=never or a new run_dir).",
+        )
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -173,6 +228,7 @@ def save_training_state(worker: ModelWorker, path: str, iteration: int) -> None:
     """Every student rank: its shards of model + optimizer, its RNG, and (rank 0) the LR schedule."""
     from megatron.core import dist_checkpointing
 
+    _fill_empty_adam_state(worker.optimizer)  # no update yet (every step so far skipped): a fresh Adam's state
     dist_checkpointing.save({**_sharded_state(worker, is_loading=False), **_common_state(worker, iteration)}, path)
     rng_dir = Path(path) / "rng"
     rng_dir.mkdir(exist_ok=True)
@@ -192,7 +248,6 @@ def _prepare_optimizer_for_load(optimizer: Any) -> None:
       aside while a parameter's tensors are copied.
     """
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = opt.optimizer
         if hasattr(opt, "_set_main_param_and_optimizer_states") and not getattr(opt, "_opd_step_aside", False):
             original = opt._set_main_param_and_optimizer_states
 
@@ -208,6 +263,13 @@ def _prepare_optimizer_for_load(optimizer: Any) -> None:
 
             opt._set_main_param_and_optimizer_states = set_states
             opt._opd_step_aside = True
+    _fill_empty_adam_state(optimizer)
+
+
+def _fill_empty_adam_state(optimizer: Any) -> None:
+    """Give every parameter without Adam state the state torch's Adam starts from (step 0, zero moments)."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = opt.optimizer
         for group in inner.param_groups:
             for p in group["params"]:
                 if p not in inner.state or not inner.state[p]:

@@ -9,6 +9,7 @@ import sys
 
 from megatron_opd.config.errors import ConfigError
 from megatron_opd.config.loader import load_config
+from megatron_opd.data import ChatTemplateError, DataError, TokenizerError
 
 
 def main(argv: list[str]) -> int:
@@ -29,6 +30,9 @@ def main(argv: list[str]) -> int:
         summary = run_training(cfg)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except (DataError, TokenizerError, ChatTemplateError) as e:  # bad data or tokenizers: the message names the fix
+        print(f"input error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(summary, indent=1))
     signum = summary.get("interrupted_by_signal")

@@ -27,9 +27,16 @@ from megatron_opd.config.schema import ModelConfig, OPDConfig, model_hf_dir
 from megatron_opd.rollout.base import RolloutEngine, SamplingParams
 from megatron_opd.trainer.batch import Sample, split_for_data_parallel
 from megatron_opd.trainer.checkpoint import CheckpointManager, resolve_resume
+from megatron_opd.trainer.faults import fault_point
 from megatron_opd.trainer.metrics import MetricsLogger, summary_line
 from megatron_opd.trainer.worker import WorkerSpec, resolve_dtype
-from megatron_opd.trainer.worker_group import Placement, WorkerGroup, ensure_ray, make_placement_group
+from megatron_opd.trainer.worker_group import (
+    Placement,
+    WorkerGroup,
+    WorkerGroupError,
+    ensure_ray,
+    make_placement_group,
+)
 
 log = logging.getLogger("megatron_opd.train")
 
@@ -138,9 +145,10 @@ def run_training(cfg: OPDConfig) -> dict[str, Any]:
                 state["bad_steps"] += 1
                 if state["bad_steps"] > cfg.trainer.max_bad_steps:
                     raise NonFiniteScores(
-                        f"{state['bad_steps']} steps had non-finite scores or losses "
-                        f"(trainer.max_bad_steps={cfg.trainer.max_bad_steps}); stopping"
+                        f"{state['bad_steps']} steps had non-finite scores or losses, or no unmasked response "
+                        f"token (trainer.max_bad_steps={cfg.trainer.max_bad_steps}); stopping"
                     )
+            metrics["train/bad_steps"] = state["bad_steps"]
             state["step"] = step
             if cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0 and step < total and evaluator.enabled:
                 metrics.update(
@@ -180,6 +188,7 @@ def build_groups(cfg: OPDConfig, tokenizer: Any, objective_cfg: Any, needs: Any)
         seed=cfg.seed,
         timeout_s=cfg.trainer.group_timeout_s,
         max_tokens_per_microbatch=cfg.trainer.max_tokens_per_microbatch,
+        sequence_packing=cfg.trainer.sequence_packing,
         pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
         temperature=cfg.rollout.temperature,
     )
@@ -249,8 +258,10 @@ def train_one_step(
     with timer("rollout"):
         prompts = loader.next_batch()
         samples = rollout(cfg, step, prompts, engine, tokenizer)
+    fault_point("rollout", step, groups.all())
     with timer("score"):
         score(cfg, samples, groups, needs)
+    fault_point("score", step, groups.all())
     metrics = rollout_metrics(samples)
     if not scores_finite(samples):
         log.warning("step %d: non-finite teacher/reference scores; skipping the update", step)
@@ -259,6 +270,7 @@ def train_one_step(
     with timer("train"):
         parts = split_for_data_parallel(samples, groups.student.dp_size)
         train_metrics = groups.student.call_per_dp("train_step", parts)[0]
+    fault_point("train", step, groups.all())
     with timer("sync"):
         sync_weights(groups.student, engine)
     metrics.update(train_metrics)
@@ -267,6 +279,9 @@ def train_one_step(
     metrics["perf/tokens_per_s"] = tokens / max(timer.total, 1e-9)
     metrics["perf/tokens"] = float(tokens)
     if not math.isfinite(train_metrics.get("train/loss", 0.0)) or train_metrics.get("train/skipped_updates", 0):
+        log.warning(
+            "step %d: update skipped (a non-finite loss or gradient norm, or every response token masked)", step
+        )
         metrics["skipped_nonfinite"] = True
     return metrics
 
@@ -355,7 +370,7 @@ def score(cfg: OPDConfig, samples: list[Sample], groups: Groups, needs: Any) -> 
 def scores_finite(samples: list[Sample]) -> bool:
     for s in samples:
         for t in (s.teacher_logp, s.teacher_topk_logp, s.ref_logp, s.old_logp, s.teacher_ids_logp):
-            if t is not None and t.numel() and not torch.isfinite(t[t > float("-inf")]).all():
+            if t is not None and t.numel() and not torch.isfinite(t[~torch.isneginf(t)]).all():  # NaN too
                 return False
         if s.teacher_logp is not None and torch.isneginf(s.teacher_logp).any():
             return False
@@ -379,9 +394,14 @@ def sync_weights(student: WorkerGroup, engine: RolloutEngine) -> None:
 
 
 def save_checkpoint(ckpts: CheckpointManager, student: WorkerGroup, step: int, loader: Any, state: dict) -> None:
-    tmp = ckpts.begin(step)
-    student.call("save_checkpoint", str(tmp), step)
-    final = ckpts.commit(tmp, step, {**state, "step": step, "data": loader.state_dict()})
+    tmp = None
+    try:
+        tmp = ckpts.begin(step)
+        student.call("save_checkpoint", str(tmp), step)
+        fault_point("checkpoint", step, [student])
+        final = ckpts.commit(tmp, step, {**state, "step": step, "data": loader.state_dict()})
+    except (OSError, WorkerGroupError) as e:  # e.g. disk full
+        raise ckpts.failed(tmp, step, e) from e
     log.info("saved checkpoint %s", final)
 
 

@@ -8,7 +8,8 @@
 3. Megatron's schedule runs forward/backward with the objective as loss function. megatron divides
    each micro-batch loss by the number of micro-batches and DDP averages gradients over DP, so the
    loss handed back is multiplied by both to keep the gradient of the global loss.
-4. Non-finite losses or gradient norm anywhere in the group skip the update (counted).
+4. Non-finite losses or gradient norm anywhere in the group, or a mini-batch without a single
+   unmasked response token, skip the update (counted).
 5. Optimizer step (gradient clipping inside), LR schedule step; metrics reduced over DP.
 """
 
@@ -107,7 +108,7 @@ class MiniBatchLoss:
 
     def __call__(self, model: torch.nn.Module, item: tuple[MicroBatch, Tensor]) -> tuple[Tensor, Any]:
         mb, weights = item
-        output = model_forward(model, {"input_ids": mb.input_ids.to(self.device)})
+        output = model_forward(model, mb.model_inputs(self.device))
 
         def loss_fn(out: Tensor) -> tuple[Tensor, Metrics]:
             if mb.num_tokens == 0:  # padding micro-batch (expert-parallel alignment): no loss, no metrics
@@ -148,6 +149,9 @@ def run_train_step(worker: ModelWorker, samples: list[Sample]) -> dict[str, Any]
         mbs = worker._microbatches(mini, at_least_one=True)
         masks = final_masks(worker, mbs)
         counts = global_counts([local_counts(m, mb.seq_index) for m, mb in zip(masks, mbs)], group=dp_group)
+        if counts.tokens == 0:  # every response token masked on every rank: no loss, so no update
+            skipped += 1
+            continue
         weights = [token_weights(m, mb.seq_index, counts, objective.cfg.loss_agg_mode) for m, mb in zip(masks, mbs)]
         step = MiniBatchLoss(worker, len(mbs) * dp_size, device)
         model.zero_grad_buffer()

@@ -20,7 +20,14 @@ import torch
 
 from megatron_opd.config.schema import ModelConfig, OptimConfig, model_hf_dir
 from megatron_opd.objectives.config import ObjectiveConfig
-from megatron_opd.trainer.batch import MicroBatch, Sample, build_microbatch, common_shapes, split_by_token_budget
+from megatron_opd.trainer.batch import (
+    MicroBatch,
+    Sample,
+    build_microbatch,
+    build_packed_microbatch,
+    common_shapes,
+    split_by_token_budget,
+)
 
 
 @dataclasses.dataclass
@@ -38,6 +45,7 @@ class WorkerSpec:
     total_steps: int = 1
     mini_batches_per_step: int = 1
     max_tokens_per_microbatch: int = 8192
+    sequence_packing: bool = True
     pad_id: int = 0
     temperature: float = 1.0
     teacher_names: tuple[str, ...] = ()
@@ -212,11 +220,17 @@ class ModelWorker:
         runs one padding micro-batch (training: every DP rank must join the gradient reduction)."""
         from megatron.core import parallel_state as ps
 
-        m = self._multiple_of()
-        groups = split_by_token_budget(samples, self.spec.max_tokens_per_microbatch, m)
+        m, packed = self._multiple_of(), self.spec.sequence_packing
+
+        def build(group: list[Sample], shape: tuple[int, int] | None = None) -> MicroBatch:
+            if packed:
+                return build_packed_microbatch(group, self.spec.pad_id, m, None if shape is None else shape[1])
+            return build_microbatch(group, self.spec.pad_id, m, shape)
+
+        groups = split_by_token_budget(samples, self.spec.max_tokens_per_microbatch, m, packed)
         if not groups and at_least_one:
             groups = [[]]
-        mbs = [build_microbatch(g, self.spec.pad_id, m) for g in groups]
+        mbs = [build(g) for g in groups]
         if ps.get_expert_model_parallel_world_size() == 1 or ps.get_data_parallel_world_size() == 1:
             return mbs
         mine = [tuple(mb.input_ids.shape) for mb in mbs]
@@ -225,10 +239,7 @@ class ModelWorker:
             everyone, mine, group=ps.get_data_parallel_group(with_context_parallel=True)
         )
         shapes = common_shapes(everyone)
-        return [
-            build_microbatch(groups[i] if i < len(groups) else [], self.spec.pad_id, m, shape)
-            for i, shape in enumerate(shapes)
-        ]
+        return [build(groups[i] if i < len(groups) else [], shape) for i, shape in enumerate(shapes)]
 
     def _unwrapped(self) -> torch.nn.Module:
         model = self.model

@@ -1,8 +1,10 @@
 """Scoring by worker groups equals a float64 transformers computation: a dense model at TP=2, and
 an MoE model at EP=2 x DP=2 whose DP ranks hold different numbers of samples (the micro-batch
-alignment across expert-parallel ranks)."""
+alignment across expert-parallel ranks), with packed (THD) and right-padded micro-batches."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
@@ -26,13 +28,18 @@ def _score(spec, samples, top_k):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("moe, tp, ep, dp", [(False, 2, 1, 1), (True, 1, 2, 2)], ids=["dense_tp2", "moe_ep2_dp2"])
-def test_scores_match_transformers_float64(tmp_path, moe: bool, tp: int, ep: int, dp: int) -> None:
+@pytest.mark.parametrize(
+    "moe, tp, ep, dp, packed",
+    [(False, 2, 1, 1, True), (True, 1, 2, 2, True), (True, 1, 2, 2, False)],
+    ids=["dense_tp2_packed", "moe_ep2_dp2_packed", "moe_ep2_dp2_padded"],
+)
+def test_scores_match_transformers_float64(tmp_path, moe: bool, tp: int, ep: int, dp: int, packed: bool) -> None:
     path = str(tmp_path / "m")
     save_tiny_model(path, tiny_config(moe=moe, vocab_size=VOCAB), seed=5)
     samples = make_samples(7, seed=3)  # 7 samples: DP ranks get 4 and 3, of different lengths
     ref = hf_scores(path, samples, TOP_K)
-    results = spawn_world(_score, tp * dp, worker_spec(path, tp=tp, ep=ep, dp=dp), samples, TOP_K)
+    spec = dataclasses.replace(worker_spec(path, tp=tp, ep=ep, dp=dp), sequence_packing=packed)
+    results = spawn_world(_score, tp * dp, spec, samples, TOP_K)
     got: dict[int, dict[str, torch.Tensor]] = {}
     for info, scores in results:
         if info.is_output_rank:

@@ -95,12 +95,18 @@ class CheckpointManager:
         return final
 
     def failed(self, tmp: Path | None, step: int, error: BaseException) -> CheckpointSaveError:
-        """Remove the partial checkpoint ``tmp``; the error to raise, naming the cause and what survives."""
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+        """Remove the partial checkpoint ``tmp``; the error to raise, naming the cause and what survives.
+        A full disk is named as such (writers may report it as a short write, not ENOSPC)."""
         lines = [line.strip() for line in str(error).splitlines() if line.strip()]
         cause = lines[-1] if lines else type(error).__name__
         latest = self.latest()
+        if latest is not None and self.root.is_dir():
+            need = sum(f.stat().st_size for f in latest.rglob("*") if f.is_file())
+            free = shutil.disk_usage(self.root).free
+            if free < need:
+                cause += f"; the disk is full: {free >> 10} KiB free, a checkpoint takes {need >> 10} KiB"
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         kept = f"the last complete checkpoint, {latest}, is intact" if latest else "no checkpoint is complete yet"
         return CheckpointSaveError(
             f"step {step}: the checkpoint could not be written into {self.root} ({cause}); the partial "

@@ -39,7 +39,9 @@ def accuracy(
     return correct / len(prompts)
 
 
-def greedy_and_sampled(model: Any, tokenizer: Any, messages: list, answers: list[str], seed: int) -> dict[str, float]:
+def greedy_and_sampled(
+    model: Any, tokenizer: Any, messages: list[list[dict[str, str]]], answers: list[str], seed: int
+) -> dict[str, float]:
     """``{"greedy": .., "t1": ..}``: greedy accuracy and temperature-1 accuracy (one sample per problem,
     torch seeded with ``seed``)."""
     torch.manual_seed(seed)

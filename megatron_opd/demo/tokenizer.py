@@ -2,13 +2,18 @@
 
 Every printable character the demo uses is one token; the role names of the chat template (``user``,
 ``assistant``, ``system``) are single added tokens so prompts stay short (every token costs CPU time).
-The vocabulary is padded with reserved special tokens to a multiple of 8 so any TP size up to 8 divides it.
+The vocabulary size is a multiple of 8 (56 tokens; reserved special tokens would pad it if the character set
+changed) so any TP size up to 8 divides it.
 """
 
 from __future__ import annotations
 
 import string
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
@@ -33,7 +38,7 @@ def vocabulary() -> list[str]:
     return tokens + [f"<|reserved_{i}|>" for i in range(n_reserved)]
 
 
-def build_tokenizer():  # -> transformers.PreTrainedTokenizerFast
+def build_tokenizer() -> PreTrainedTokenizerFast:
     """Build the character-level ``PreTrainedTokenizerFast`` (EOS ``<|im_end|>``, pad ``<|endoftext|>``)."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast

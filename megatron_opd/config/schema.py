@@ -206,6 +206,9 @@ class OPDConfig:
     run_dir: str = "runs/default"
     seed: int = 1
     resume: str = "auto"  # auto | never | PATH
+    # Build (once; reused when up to date) the CPU demo's tiny teacher, student and data into this
+    # directory before anything else (megatron_opd.demo); paths may refer to it as ${demo_assets}.
+    demo_assets: str | None = None
     student: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     teachers: list[TeacherConfig] = dataclasses.field(default_factory=list)
     objective: ObjectiveConfig = dataclasses.field(default_factory=ObjectiveConfig)

@@ -82,6 +82,11 @@ class StopRequested:
 def run_training(cfg: OPDConfig) -> dict[str, Any]:
     """``opd train``: validate, build everything, loop, summarize. Returns the summary dict."""
     t_start = time.time()
+    stop = StopRequested()  # before the (slow) start-up: a signal during it still ends the run cleanly
+    if cfg.demo_assets:
+        from megatron_opd.demo.build import build_demo_assets
+
+        build_demo_assets(cfg.demo_assets)
     cfg.validate()  # every config error before any process group or GPU is touched
     from megatron_opd.data import PromptDataset, PromptLoader, check_tokenizers, load_tokenizer
     from megatron_opd.objectives.registry import build_objective
@@ -124,7 +129,6 @@ def run_training(cfg: OPDConfig) -> dict[str, Any]:
     groups = build_groups(cfg, tokenizer, worker_objective, needs)
     engine = build_engine(cfg.rollout, model_hf_dir(cfg.student.path), tokenizer=tokenizer)
     metrics_log = MetricsLogger(run_dir, cfg.logging, json.loads(json.dumps(dataclasses.asdict(cfg), default=str)))
-    stop = StopRequested()
     state: dict[str, Any] = {"step": 0, "eval_before": None, "bad_steps": 0}
     try:
         if resume_from is not None:
@@ -132,6 +136,7 @@ def run_training(cfg: OPDConfig) -> dict[str, Any]:
             groups.student.call("load_checkpoint", str(resume_from))
             state = CheckpointManager.read_state(resume_from)
             loader.load_state_dict(state["data"])
+            metrics_log.truncate_after(state["step"])  # steps logged after that checkpoint are redone
             sync_weights(groups.student, engine)
         evaluator = Evaluator(cfg, tokenizer)
         if state["eval_before"] is None and cfg.trainer.eval_before and evaluator.enabled:
@@ -140,6 +145,8 @@ def run_training(cfg: OPDConfig) -> dict[str, Any]:
         total = cfg.trainer.steps
         progress = _progress(cfg, state["step"], total)
         for step in range(state["step"] + 1, total + 1):
+            if stop:  # signalled during start-up or while saving: nothing of this step ran yet
+                break
             metrics = train_one_step(cfg, step, loader, engine, groups, needs, tokenizer)
             if metrics.pop("skipped_nonfinite", False):
                 state["bad_steps"] += 1
@@ -161,11 +168,16 @@ def run_training(cfg: OPDConfig) -> dict[str, Any]:
             if stop:
                 break
         progress.close()
+        finished = state["step"] == total and not stop  # a signalled run exits promptly, without final evals
         summary = {
             "steps": state["step"],
             "eval_before": state["eval_before"],
-            "eval_after": evaluator.run(engine, run_dir / "eval" / "final")["accuracy"] if evaluator.enabled else None,
-            "teacher_eval": evaluator.run_teachers(cfg) if evaluator.enabled and cfg.eval.teacher else None,
+            "eval_after": evaluator.run(engine, run_dir / "eval" / "final")["accuracy"]
+            if evaluator.enabled and finished
+            else None,
+            "teacher_eval": evaluator.run_teachers(cfg)
+            if evaluator.enabled and cfg.eval.teacher and finished
+            else None,
             "wall_s": round(time.time() - t_start, 1),
             "interrupted_by_signal": stop.signum,
             "checkpoint": str(ckpts.latest()) if ckpts.latest() else None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,16 @@ class MetricsLogger:
             self._tb.flush()
         if self._wandb is not None:
             self._wandb.log(numeric, step=step)
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records of steps after ``step`` (a resumed run redoes them)."""
+        if self.path.is_file():
+            keep = [
+                line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step
+            ]
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(line + "\n" for line in keep))
+            os.replace(tmp, self.path)
 
     def close(self) -> None:
         if self._tb is not None:

@@ -1,17 +1,15 @@
 """The full demo build: the teacher solves the task, the student is weak in the intended way.
 
-Builds the default recipe (about 1.5 minutes on 2 cores) unless ``OPD_DEMO_ASSETS`` names a directory
-holding a build of it (reused when its manifest matches, as ``tools/build_demo.py`` writes it).
+Uses the session's build of the default recipe (``tests/conftest.py``: about 1.5 minutes on 2 cores, once,
+where ``configs/demo/cpu.yaml`` expects it).
 """
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-from megatron_opd.demo.build import DemoAssets, build_demo_assets
+from megatron_opd.demo.build import DemoAssets
 from megatron_opd.demo.evaluate import measure_accuracy, read_split
 from megatron_opd.demo.sampling import encode_prompts, sample
 from megatron_opd.demo.task import carryless_sum
@@ -22,8 +20,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory: pytest.TempPathFactory) -> DemoAssets:
-    return build_demo_assets(os.environ.get("OPD_DEMO_ASSETS") or tmp_path_factory.mktemp("demo"))
+def assets(demo_assets: DemoAssets) -> DemoAssets:
+    return demo_assets
 
 
 def test_teacher_solves_the_test_split(assets: DemoAssets) -> None:

@@ -11,38 +11,41 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("megatron_opd.convert.cli", "convert checkpoints: hf-to-mcore | mcore-to-hf | extrapolate (ExPO)"),
     "eval": ("megatron_opd.eval.cli", "sample and score a model on benchmarks (avg@k, pass@k)"),
     "serve": ("megatron_opd.rollout.server", "serve an HF model behind SGLang's HTTP API (CPU rollouts)"),
-    "bench": ("megatron_opd.bench.cli", "benchmarks: kernels | objectives | model"),
+    "bench": ("megatron_opd.bench.cli", "benchmarks: kernels | objectives"),
     "plot": ("megatron_opd.trainer.plot", "write PNG curves of a run's metrics.jsonl"),
     "check": ("megatron_opd.config.check", "validate a config without starting anything"),
 }
 
 
-def usage() -> str:
-    width = max(map(len, SUBCOMMANDS))
-    lines = ["usage: opd <command> [args ...]", "", "On-policy distillation on Megatron-Core.", "", "commands:"]
-    lines += [f"  {name:<{width}}  {desc}" for name, (_, desc) in SUBCOMMANDS.items()]
-    lines += ["", "Run `opd <command> --help` for a command's arguments."]
+def usage(prog: str, commands: dict[str, tuple[str, str]], heading: str, intro: str = "") -> str:
+    width = max(map(len, commands))
+    lines = [f"usage: {prog} <{heading.rstrip('s')}> [args ...]", ""]
+    lines += [intro, ""] if intro else []
+    lines += [f"{heading}:", *(f"  {name:<{width}}  {desc}" for name, (_, desc) in commands.items())]
     return "\n".join(lines)
+
+
+def dispatch(
+    prog: str, commands: dict[str, tuple[str, str]], argv: list[str], heading: str = "commands", intro: str = ""
+) -> int:
+    """Run ``commands[argv[0]]``'s ``main(argv[1:])``, importing its module only then."""
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage(prog, commands, heading, intro))
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in commands:
+        print(
+            f"{prog}: unknown {heading.rstrip('s')} {name!r}\n\n{usage(prog, commands, heading, intro)}",
+            file=sys.stderr,
+        )
+        return 2
+    return int(importlib.import_module(commands[name][0]).main(rest) or 0)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help", "help"):
-        print(usage())
-        return 0
-    name, rest = argv[0], argv[1:]
-    if name not in SUBCOMMANDS:
-        print(f"opd: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
-        return 2
-    module_name = SUBCOMMANDS[name][0]
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if e.name != module_name:
-            raise
-        print(f"opd {name}: not built yet in this version of megatron_opd.", file=sys.stderr)
-        return 2
-    return int(module.main(rest) or 0)
+    intro = "On-policy distillation on Megatron-Core. Run `opd <command> --help` for a command's arguments."
+    return dispatch("opd", SUBCOMMANDS, argv, "commands", intro)
 
 
 if __name__ == "__main__":

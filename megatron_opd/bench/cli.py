@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import importlib
 import sys
+
+from megatron_opd.cli import dispatch
 
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "kernels": ("megatron_opd.bench.kernels", "vocab-sized kernels vs plain torch / Liger / Megatron: time, memory"),
@@ -11,28 +12,5 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
 }
 
 
-def usage() -> str:
-    width = max(map(len, BENCHMARKS))
-    lines = ["usage: opd bench <benchmark> [args ...]", "", "benchmarks:"]
-    lines += [f"  {name:<{width}}  {desc}" for name, (_, desc) in BENCHMARKS.items()]
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help", "help"):
-        print(usage())
-        return 0
-    name, rest = argv[0], argv[1:]
-    if name not in BENCHMARKS:
-        print(f"opd bench: unknown benchmark {name!r}\n\n{usage()}", file=sys.stderr)
-        return 2
-    module_name = BENCHMARKS[name][0]
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if e.name != module_name:
-            raise
-        print(f"opd bench {name}: not built yet in this version of megatron_opd.", file=sys.stderr)
-        return 2
-    return int(module.main(rest) or 0)
+    return dispatch("opd bench", BENCHMARKS, list(sys.argv[1:] if argv is None else argv), "benchmarks")

@@ -26,18 +26,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import json
 import os
-import platform
 import statistics
-import time
-import weakref
 from collections.abc import Callable
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
+from megatron_opd.bench.common import device_name, list_arg, peak_bytes, time_ms, write_records
 from megatron_opd.kernels import linear_token_logprobs, support_divergence, token_logprobs, topk_logprobs
 
 OPS = ("logprob_entropy", "topk_kl", "topk", "lmhead")
@@ -66,72 +61,13 @@ class Record:
     note: str = ""
 
 
-class LiveTensorBytes(TorchDispatchMode):
-    """Peak bytes of tensor storage allocated while active and still alive (CPU memory accounting).
-
-    An op's output storage counts as new unless it is the storage of one of the op's inputs (views, in-place and
-    ``out=`` ops); it stops counting when the storage is freed (``weakref.finalize`` on the storage object, which
-    torch keeps alive exactly as long as the C++ storage)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live = 0
-        self.peak = 0
-
-    def _free(self, nbytes: int) -> None:
-        self.live -= nbytes
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
-        out = func(*args, **kwargs)
-        for t in tree_leaves(out):
-            if not isinstance(t, torch.Tensor):
-                continue
-            storage = t.untyped_storage()
-            if storage.data_ptr() in inputs or storage.nbytes() == 0:
-                continue
-            inputs.add(storage.data_ptr())
-            self.live += storage.nbytes()
-            self.peak = max(self.peak, self.live)
-            weakref.finalize(storage, self._free, storage.nbytes())
-        return out
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _time_ms(fn: Callable[[], None], device: torch.device) -> float:
-    _sync(device)
-    t0 = time.perf_counter()
-    fn()
-    _sync(device)
-    return (time.perf_counter() - t0) * 1e3
-
-
-def _peak_bytes(fn: Callable[[], None], device: torch.device) -> int:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        fn()
-        torch.cuda.synchronize(device)
-        return int(torch.cuda.max_memory_allocated(device) - base)
-    with LiveTensorBytes() as tracker:
-        fn()
-    return int(tracker.peak)
-
-
 def copy_bandwidth(device: torch.device, repeats: int) -> float:
     """Bytes/s of a device-to-device copy (read + write counted), median of ``repeats``."""
     nbytes = (2 << 30) if device.type == "cuda" else (256 << 20)
     src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
     dst = torch.empty_like(src)
     dst.copy_(src)
-    times = [_time_ms(lambda: dst.copy_(src), device) for _ in range(repeats)]
+    times = [time_ms(lambda: dst.copy_(src), device) for _ in range(repeats)]
     return 2 * nbytes / (statistics.median(times) / 1e3)
 
 
@@ -285,12 +221,6 @@ def _loss_kl_torch(z, labels, ids, teacher) -> torch.Tensor:
     return d.sum() - logp.gather(1, labels.unsqueeze(1)).sum()
 
 
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
 def measure(
     op: str, impl: str, x: Inputs, device: torch.device, warmup: int, repeats: int
 ) -> tuple[float | None, int | None, str]:
@@ -299,8 +229,8 @@ def measure(
     try:
         for _ in range(warmup):
             run()
-        times = [_time_ms(run, device) for _ in range(repeats)]
-        peak = _peak_bytes(run, device)
+        times = [time_ms(run, device) for _ in range(repeats)]
+        peak = peak_bytes(run, device)
     except torch.OutOfMemoryError:
         return None, None, "out of memory"
     finally:
@@ -314,7 +244,7 @@ def measure(
 def run_matrix(args: argparse.Namespace) -> list[Record]:
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
-    name = _device_name(device)
+    name = device_name(device)
     bandwidth = copy_bandwidth(device, args.repeats)
     print(
         f"device: {name}; copy bandwidth {bandwidth / 1e9:.1f} GB/s; dtype {args.dtype}; "
@@ -388,9 +318,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--widths", type=_ints, help="TP-local vocab widths V_local, comma-separated")
     p.add_argument("--k", type=_ints, help="support / top-K sizes, comma-separated")
     p.add_argument("--vocab", type=int, default=VOCAB, help="global vocabulary (tp = vocab / width)")
-    p.add_argument("--ops", type=_names(OPS), help=f"subset of {','.join(OPS)} (CPU default: no lmhead)")
+    p.add_argument("--ops", type=list_arg(OPS), help=f"subset of {','.join(OPS)} (CPU default: no lmhead)")
     p.add_argument("--hidden", type=int, default=2048, help="hidden size for lmhead (Qwen3-1.7B: 2048)")
-    p.add_argument("--impls", type=_names(IMPLS), default=list(IMPLS), help=f"subset of {','.join(IMPLS)}")
+    p.add_argument("--impls", type=list_arg(IMPLS), default=list(IMPLS), help=f"subset of {','.join(IMPLS)}")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--repeats", type=int, default=5, help="timed runs per record (>= 5)")
     p.add_argument("--warmup", type=int, default=None, help="untimed runs first (default 3 on CUDA, 1 on CPU)")
@@ -422,25 +352,11 @@ def _ints(text: str) -> list[int]:
     return values
 
 
-def _names(choices: tuple[str, ...]) -> Callable[[str], list[str]]:
-    def parse(text: str) -> list[str]:
-        names = [t for t in text.split(",") if t]
-        bad = [t for t in names if t not in choices]
-        if bad or not names:
-            raise argparse.ArgumentTypeError(f"{text!r}: choose from {','.join(choices)}")
-        return names
-
-    return parse
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(list(argv or []))
     if args.threads:
         torch.set_num_threads(args.threads)
     records = run_matrix(args)
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump([dataclasses.asdict(r) for r in records], f, indent=1)
-        print(f"wrote {len(records)} records to {args.json}")
+        write_records(records, args.json)
     return 0

@@ -6,7 +6,7 @@ One device, TP = 1 (the vocab-parallel path on one rank). Student logits ``[N, V
 the production path gets what scoring ships (teacher log-probs at the sampled tokens and on its top-K), the
 reference gets the teacher's full logits. Peak memory is the tensor storage allocated during one run above
 what existed before it (inputs excluded, the logits gradient included): ``max_memory_allocated`` on CUDA,
-:class:`megatron_opd.bench.kernels.LiveTensorBytes` on CPU. Time is the median of ``--repeats`` runs.
+:class:`megatron_opd.bench.common.LiveTensorBytes` on CPU. Time is the median of ``--repeats`` runs.
 """
 
 from __future__ import annotations
@@ -14,14 +14,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import json
-import os
 import statistics
 from collections.abc import Callable
 
 import torch
 
-from megatron_opd.bench.kernels import _device_name, _names, _peak_bytes, _time_ms
+from megatron_opd.bench.common import device_name, list_arg, peak_bytes, time_ms, write_records
 from megatron_opd.kernels import token_logprobs, topk_logprobs
 from megatron_opd.objectives import reference as ref
 from megatron_opd.objectives.base import TokenBatch
@@ -135,8 +133,8 @@ def measure(objective: str, impl: str, x: Inputs, k: int, device: torch.device, 
     """(median ms, peak bytes, input bytes) of one (objective, impl)."""
     run, inputs = build_run(objective, impl, x, k)
     try:
-        times = [_time_ms(run, device) for _ in range(repeats)]
-        peak = _peak_bytes(run, device)
+        times = [time_ms(run, device) for _ in range(repeats)]
+        peak = peak_bytes(run, device)
     finally:
         x.logits.grad = None
         gc.collect()
@@ -147,7 +145,7 @@ def measure(objective: str, impl: str, x: Inputs, k: int, device: torch.device, 
 
 def run(args: argparse.Namespace) -> list[Record]:
     device = torch.device(args.device)
-    name = _device_name(device)
+    name = device_name(device)
     print(
         f"device: {name}; dtype {args.dtype}; N={args.tokens} V={args.vocab} K={args.top_k}; "
         f"median of {args.repeats} runs; peak = tensor memory above the inputs (gradient included)",
@@ -184,8 +182,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--tokens", type=int, default=4096, help="N, response tokens in the micro-batch")
     p.add_argument("--vocab", type=int, default=151936, help="V (Qwen3: 151936)")
     p.add_argument("--top-k", type=int, default=32, help="K of the top-K supports")
-    p.add_argument("--objectives", type=_names(OBJECTIVES), default=["opd", "aopd", "lsm"], help=",".join(OBJECTIVES))
-    p.add_argument("--impls", type=_names(IMPLS), default=list(IMPLS), help=",".join(IMPLS))
+    p.add_argument("--objectives", type=list_arg(OBJECTIVES), default=["opd", "aopd", "lsm"], help=",".join(OBJECTIVES))
+    p.add_argument("--impls", type=list_arg(IMPLS), default=list(IMPLS), help=",".join(IMPLS))
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--repeats", type=int, default=1, help="timed runs per record (median)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
@@ -207,8 +205,5 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     records = run(args)
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump([dataclasses.asdict(r) for r in records], f, indent=1)
-        print(f"wrote {len(records)} records to {args.json}")
+        write_records(records, args.json)
     return 0

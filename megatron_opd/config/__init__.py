@@ -7,10 +7,8 @@ importing a subsystem first does not make a circular import.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
 from megatron_opd.config.errors import ConfigError
+from megatron_opd.lazy import lazy_attributes
 
 _LAZY = {
     "load_config": "megatron_opd.config.loader",
@@ -22,10 +20,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)
 
 
 __all__ = ["ConfigError", "ModelConfig", "OPDConfig", "ParallelConfig", "TeacherConfig", "load_config", "to_yaml"]

@@ -7,8 +7,7 @@ must not pull in torch, transformers or the data pipeline.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from megatron_opd.lazy import lazy_attributes
 
 _LAZY = {
     "EvalConfig": "megatron_opd.eval.config",
@@ -21,10 +20,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)
 
 
 __all__ = sorted(_LAZY)

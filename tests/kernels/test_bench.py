@@ -7,7 +7,8 @@ import json
 
 import torch
 
-from megatron_opd.bench.kernels import LiveTensorBytes, main, minimal_bytes
+from megatron_opd.bench.common import LiveTensorBytes
+from megatron_opd.bench.kernels import main, minimal_bytes
 
 
 def test_live_tensor_bytes_counts_new_storage_only() -> None:

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
-from megatron_opd.convert.hf_io import HFCheckpointReader
-from megatron_opd.rollout.base import RolloutError, SamplingParams
+from megatron_opd.rollout.base import SamplingParams
 from megatron_opd.rollout.sglang import protocol
-from megatron_opd.rollout.sglang.weight_sync import DistributedWeightSync, buckets, write_hf_weights
+from megatron_opd.rollout.sglang.weight_sync import DistributedWeightSync, buckets
 
 # field names of SGLang's request structs (managers/io_struct.py) the project sends
 UPDATE_FROM_DISK_FIELDS = {"model_path", "load_format", "abort_all_requests", "weight_version"}
@@ -93,21 +90,6 @@ def test_weight_update_bodies() -> None:
     )
     body = protocol.update_weights_from_distributed_body(["w"], ["bfloat16"], [[2, 3]], "g", "1")
     assert set(body) == UPDATE_DISTRIBUTED_FIELDS and getattr(torch, body["dtypes"][0]) is torch.bfloat16
-
-
-def test_write_hf_weights_shards(tmp_path: Path, dense_dir: Path) -> None:
-    src = HFCheckpointReader(dense_dir)
-    names = write_hf_weights(src.items(), tmp_path / "one", dense_dir)
-    assert names == src.keys() and (tmp_path / "one" / "model.safetensors").is_file()
-    assert (tmp_path / "one" / "config.json").read_text() == (dense_dir / "config.json").read_text()
-    # 4 KiB shards: many files and an index; every tensor comes back bit-identical
-    write_hf_weights(src.items(), tmp_path / "many", dense_dir, shard_mb=1 / 256)
-    assert (tmp_path / "many" / "model.safetensors.index.json").is_file()
-    back = HFCheckpointReader(tmp_path / "many")
-    assert len(set(back.weight_map.values())) > 3 and back.keys() == src.keys()
-    assert all(torch.equal(back.get(k), src.get(k)) for k in src.keys())
-    with pytest.raises(RolloutError, match="appears twice"):
-        write_hf_weights([("a", torch.zeros(1)), ("a", torch.zeros(1))], tmp_path / "dup", dense_dir)
 
 
 def test_buckets() -> None:

@@ -41,7 +41,7 @@ from megatron_opd.rollout.base import Completion, RolloutError, SamplingParams, 
 from megatron_opd.rollout.config import RolloutConfig
 from megatron_opd.rollout.sglang import protocol
 from megatron_opd.rollout.sglang.launcher import ServerProcesses, check_gpus, find_free_ports, sglang_server_commands
-from megatron_opd.rollout.sglang.weight_sync import DistributedWeightSync, write_hf_weights
+from megatron_opd.rollout.sglang.weight_sync import DistributedWeightSync
 
 logger = logging.getLogger(__name__)
 
@@ -285,7 +285,12 @@ class SGLangEngine:
         base.mkdir(parents=True, exist_ok=True)
         out = Path(tempfile.mkdtemp(prefix=f"opd_weights_v{version}_", dir=base))
         try:
-            write_hf_weights(named_tensors, out, self.model_dir)
+            from megatron_opd.convert.export import save_hf_checkpoint
+            from megatron_opd.convert.hf_io import load_hf_config
+
+            save_hf_checkpoint(
+                named_tensors, out, load_hf_config(self.model_dir), tokenizer_dir=self.model_dir, overwrite=True
+            )
             body = protocol.update_weights_from_disk_body(str(out), version)
             with ThreadPoolExecutor(len(servers)) as pool:
                 futures = {

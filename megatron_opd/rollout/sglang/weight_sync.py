@@ -1,8 +1,8 @@
 """Trainer -> rollout-server weight sync, SGLang's two ways.
 
-- Disk (:func:`write_hf_weights` + ``/update_weights_from_disk``): the (HF name, tensor) stream is
-  written as HF safetensors shards (with an index when there is more than one) next to the model's
-  ``config.json``; every server then loads that directory in place.
+- Disk (``/update_weights_from_disk``): the (HF name, tensor) stream is written as an HF model
+  directory (:func:`megatron_opd.convert.export.save_hf_checkpoint`: safetensors shards, index,
+  the model's config and tokenizer); every server then loads that directory in place.
 - Distributed (:class:`DistributedWeightSync`): the trainer (rank 0) and every server GPU form one
   process group (:mod:`megatron_opd.rollout.weight_group`); each bucket of tensors is announced to
   all servers with ``/update_weights_from_distributed`` (names, dtypes, shapes) and then broadcast,
@@ -11,70 +11,14 @@
 
 from __future__ import annotations
 
-import json
-import shutil
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from megatron_opd.rollout.base import RolloutError
 from megatron_opd.rollout.sglang import protocol
-
-METADATA_FILES = ("config.json", "generation_config.json")
-
-
-def write_hf_weights(
-    named_tensors: Iterable[tuple[str, torch.Tensor]], out_dir: str | Path, model_dir: str | Path, shard_mb: int = 4096
-) -> list[str]:
-    """Write an HF safetensors checkpoint of ``named_tensors`` into ``out_dir``; returns the names written.
-
-    Memory is bounded by one shard (``shard_mb``). ``config.json`` (and ``generation_config.json``)
-    are copied from ``model_dir`` so the directory is a loadable HF model."""
-    from safetensors.torch import save_file
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    shard_names: list[list[str]] = []
-    names: list[str] = []
-    seen: set[str] = set()
-    current: dict[str, torch.Tensor] = {}
-    size = 0
-    paths: list[Path] = []
-
-    def flush() -> None:
-        nonlocal current, size
-        if current:
-            path = out / f"model-{len(paths) + 1:05d}.safetensors"
-            save_file(current, str(path), metadata={"format": "pt"})
-            paths.append(path)
-            shard_names.append(list(current))
-            current, size = {}, 0
-
-    for name, tensor in named_tensors:
-        if name in seen:
-            raise RolloutError(f"write_hf_weights: tensor {name!r} appears twice in the stream.")
-        t = tensor.detach().to("cpu", copy=True).contiguous()
-        if current and size + t.numel() * t.element_size() > shard_mb * 2**20:
-            flush()
-        current[name] = t
-        size += t.numel() * t.element_size()
-        names.append(name)
-        seen.add(name)
-    flush()
-    if not paths:
-        raise RolloutError("write_hf_weights: no tensors to write.")
-    if len(paths) == 1:
-        paths[0].rename(out / "model.safetensors")
-    else:
-        weight_map = {k: p.name for p, shard in zip(paths, shard_names) for k in shard}
-        (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    for meta in METADATA_FILES:
-        if (Path(model_dir) / meta).is_file():
-            shutil.copy(Path(model_dir) / meta, out / meta)
-    return names
 
 
 def buckets(

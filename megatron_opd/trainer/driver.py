@@ -32,6 +32,7 @@ from megatron_opd.trainer.metrics import MetricsLogger, summary_line
 from megatron_opd.trainer.worker import WorkerSpec, resolve_dtype
 from megatron_opd.trainer.worker_group import (
     Placement,
+    Residency,
     WorkerGroup,
     WorkerGroupError,
     ensure_ray,
@@ -228,7 +229,8 @@ def build_groups(cfg: OPDConfig, tokenizer: Any, objective_cfg: Any, needs: Any)
             base = ModelConfig(t.base_path or "", t.base_parallel or t.parallel, t.dtype, t.spec)
             specs.append(WorkerSpec(group=f"reference/{t.name}", model=base, load_from=base.path, **common))
     placements = place(cfg, specs)
-    made = [WorkerGroup(s, p, cfg.trainer.group_timeout_s) for s, p in zip(specs, placements)]
+    residency = Residency() if cfg.trainer.colocate else None
+    made = [WorkerGroup(s, p, cfg.trainer.group_timeout_s, residency) for s, p in zip(specs, placements)]
     by_name = {g.name: g for g in made}
     return Groups(
         student=by_name["student"],

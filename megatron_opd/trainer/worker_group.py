@@ -65,11 +65,48 @@ def make_placement_group(num_gpus: int, cpus_per_gpu: int = 2, timeout_s: float 
     return pg
 
 
+class Residency:
+    """Which colocated groups hold their state on the GPUs. Before a group runs its model, the
+    other groups configured with ``offload_when_idle`` move theirs to CPU (and back when their turn
+    comes), so a 30B-A3B teacher, the student with its optimizer and the reference take turns on the
+    same GPUs. Groups without ``offload_when_idle`` always stay resident."""
+
+    def __init__(self) -> None:
+        self.groups: list[WorkerGroup] = []
+        self.resident: set[str] = set()
+
+    def register(self, group: WorkerGroup) -> None:
+        """A group whose setup just put its model on the GPUs; an offloadable one leaves at once."""
+        self.groups.append(group)
+        self.resident.add(group.name)
+        if group.offload_when_idle:
+            self._move(group, "offload")
+
+    def use(self, group: WorkerGroup) -> None:
+        for other in self.groups:
+            if other is not group and other.offload_when_idle and other.name in self.resident:
+                self._move(other, "offload")
+        if group.name not in self.resident:
+            self._move(group, "onload")
+
+    def _move(self, group: WorkerGroup, method: str) -> None:
+        group.call_now(method)
+        (self.resident.discard if method == "offload" else self.resident.add)(group.name)
+
+
+# Worker methods that need the model's state on the device.
+MODEL_METHODS = frozenset({"score", "train_step", "export_hf_tensors", "save_checkpoint", "load_checkpoint"})
+
+
 class WorkerGroup:
     """``world_size`` ranks of one model, each a :class:`ModelWorker` actor."""
 
-    def __init__(self, spec: WorkerSpec, placement: Placement, timeout_s: float) -> None:
+    def __init__(
+        self, spec: WorkerSpec, placement: Placement, timeout_s: float, residency: Residency | None = None
+    ) -> None:
         self.spec, self.name, self.timeout_s = spec, spec.group, timeout_s
+        self.offload_when_idle = spec.model.offload_when_idle
+        self.residency = residency
         world = spec.model.parallel.world_size
         remote = ray.remote(ModelWorker)
         self.actors = []
@@ -86,10 +123,12 @@ class WorkerGroup:
                 }
             self.actors.append(remote.options(name=None, **options).remote(spec, rank, world))
         addr, port = self._get([self.actors[0].rendezvous.remote()], "rendezvous")[0]
-        self.ranks: list[RankInfo] = self.call("setup", addr, port)
+        self.ranks: list[RankInfo] = self.call_now("setup", addr, port)
         self.dp_size = self.ranks[0].dp_size
         # The rank that reports results for each DP rank: TP rank 0 of the last pipeline stage.
         self.output_rank = {i.dp_rank: i.rank for i in self.ranks if i.is_output_rank}
+        if residency is not None:
+            residency.register(self)
 
     def _get(self, refs: list[Any], method: str) -> list[Any]:
         try:
@@ -107,13 +146,23 @@ class WorkerGroup:
             rank = next((r for r, ref in enumerate(refs) if _failed(ref)), "?")
             raise WorkerGroupError(f"group {self.name!r}: rank {rank} raised in {method}:\n{e}") from e
 
-    def call(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
-        """Run ``method(*args, **kwargs)`` on every rank; results in rank order."""
+    def _prepare(self, method: str) -> None:
+        if self.residency is not None and method in MODEL_METHODS:
+            self.residency.use(self)
+
+    def call_now(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
+        """Run ``method(*args, **kwargs)`` on every rank as is; results in rank order."""
         return self._get([getattr(a, method).remote(*args, **kwargs) for a in self.actors], method)
+
+    def call(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
+        """Like :meth:`call_now`, after bringing this group's state onto the GPUs if it was offloaded."""
+        self._prepare(method)
+        return self.call_now(method, *args, **kwargs)
 
     def call_per_dp(self, method: str, per_dp: list[Any], **kwargs: Any) -> list[Any]:
         """Run ``method(per_dp[dp_rank], **kwargs)`` on every rank; returns the output rank's result
         for each DP rank, in DP order."""
+        self._prepare(method)
         refs = [getattr(a, method).remote(per_dp[info.dp_rank], **kwargs) for a, info in zip(self.actors, self.ranks)]
         results = self._get(refs, method)
         return [results[self.output_rank[d]] for d in range(self.dp_size)]

@@ -76,3 +76,33 @@ def test_student_topk_support_round_trip() -> None:
     assert student.calls[0]["top_k"] == 3  # the student's top-K first ...
     assert teacher.calls[0]["ids_field"] == "student_topk_ids"  # ... then the teacher scores at those ids
     assert all(s.teacher_ids_logp is not None and s.student_topk_ids is not None for s in samples)
+
+
+class RecordingGroup:
+    """Stands in for a WorkerGroup in the residency bookkeeping: records what it was told to do."""
+
+    def __init__(self, name: str, offload_when_idle: bool, log: list[str]) -> None:
+        self.name, self.offload_when_idle, self.log = name, offload_when_idle, log
+
+    def call_now(self, method: str) -> None:
+        self.log.append(f"{self.name}.{method}")
+
+
+def test_colocated_groups_take_turns_on_the_gpus() -> None:
+    from megatron_opd.trainer.worker_group import Residency
+
+    log: list[str] = []
+    residency = Residency()
+    student, teacher, ref = (
+        RecordingGroup(n, o, log) for n, o in (("student", True), ("teacher", True), ("ref", False))
+    )
+    for g in (student, teacher, ref):
+        residency.register(g)  # type: ignore[arg-type]
+    assert log == ["student.offload", "teacher.offload"]  # offloadable groups leave the GPU after setup
+    log.clear()
+    residency.use(teacher)  # type: ignore[arg-type]
+    residency.use(teacher)  # type: ignore[arg-type]  # already resident: nothing moves
+    residency.use(ref)  # type: ignore[arg-type]  # the reference is never offloaded, the teacher leaves
+    residency.use(student)  # type: ignore[arg-type]
+    assert log == ["teacher.onload", "teacher.offload", "student.onload"]
+    assert residency.resident == {"student", "ref"}

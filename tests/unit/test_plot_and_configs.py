@@ -1,0 +1,58 @@
+"""``opd plot`` draws a run's curves; every shipped config loads, and the paper configs validate
+against the real Qwen3 shapes (configs/models)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from megatron_opd.config import load_config
+from megatron_opd.trainer.plot import plot_run
+from tests.conftest import REPO
+
+MODELS = REPO / "configs" / "models"
+# paper config -> model preset of the student and of each teacher (shapes only)
+PAPER = {
+    "exopd_qwen3_1p7b_from_30b_a3b.yaml": ("Qwen3-1.7B", ["Qwen3-30B-A3B-Instruct-2507"]),
+    "exopd_qwen3_1p7b_from_30b_a3b_2node.yaml": ("Qwen3-1.7B", ["Qwen3-30B-A3B-Instruct-2507"]),
+    "exopd_reward_correction.yaml": ("Qwen3-1.7B", ["Qwen3-30B-A3B-Instruct-2507"]),
+    "exopd_qwen3_4b_multi_teacher.yaml": ("Qwen3-4B", ["Qwen3-4B", "Qwen3-4B"]),
+    "aopd_qwen3_8b_from_32b.yaml": ("Qwen3-8B", ["Qwen3-32B"]),
+    "lsm_qwen3_8b_from_32b.yaml": ("Qwen3-8B", ["Qwen3-32B"]),
+}
+
+
+def test_plot_writes_one_png_per_metric_group(tmp_path: Path) -> None:
+    with open(tmp_path / "metrics.jsonl", "w") as f:
+        for step in range(1, 6):
+            f.write(
+                json.dumps(
+                    {"step": step, "time": 0.0, "train/loss": 1.0 / step, "train/lr": 1e-5, "eval/accuracy": 0.1 * step}
+                )
+                + "\n"
+            )
+    written = plot_run(tmp_path)
+    assert sorted(p.name for p in written) == ["eval.png", "train.png"]
+    assert all(p.stat().st_size > 1000 and p.read_bytes()[:4] == b"\x89PNG" for p in written)
+    with pytest.raises(FileNotFoundError, match="no metrics"):
+        plot_run(tmp_path / "empty")
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_paper_configs_validate_at_the_real_shapes(name: str, tmp_path: Path) -> None:
+    student, teachers = PAPER[name]
+    overrides = [f"student.path={MODELS / student}", f"data.train_files=[{tmp_path / 'train.parquet'}]"]
+    overrides += [f"teachers.{i}.path={MODELS / t}" for i, t in enumerate(teachers)]
+    cfg = load_config(REPO / "configs" / "paper" / name, overrides)
+    if cfg.objective.reference == "teacher_base":
+        overrides += [f"teachers.{i}.base_path={MODELS / t}" for i, t in enumerate(teachers)]
+        cfg = load_config(REPO / "configs" / "paper" / name, overrides)
+    cfg.validate()
+    assert cfg.optim.lr > 0 and cfg.rollout.engine == "sglang"
+
+
+def test_demo_config_loads() -> None:
+    cfg = load_config(REPO / "configs" / "demo" / "cpu.yaml")
+    assert cfg.student.path == f"{cfg.demo_assets}/student" and cfg.objective.lam == 1.25

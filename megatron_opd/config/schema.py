@@ -176,6 +176,7 @@ class TrainerConfig:
     mini_batches_per_step: int = 1  # >1: PPO-clip updates on the same rollouts
     max_tokens_per_microbatch: int = 8192
     sequence_packing: bool = True  # THD micro-batches (no padding compute); false: right-padded rows
+    metrics_top_k: int = 8  # teacher top-K fetched for the overlap metric when the objective needs none (0: off)
     save_every: int = 50
     keep_last: int = 2
     eval_every: int = 0  # 0: only before and after training

@@ -10,6 +10,7 @@ the whole job; each phase is one function below it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -17,6 +18,7 @@ import math
 import signal
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -144,7 +146,7 @@ def run_training(cfg: OPDConfig) -> dict[str, Any]:
             state["eval_before"] = evaluator.run(engine, run_dir / "eval" / "step_0")["accuracy"]
             log.info("eval before training: %s", state["eval_before"])
         total = cfg.trainer.steps
-        progress = _progress(cfg, state["step"], total)
+        progress = Progress(cfg.logging.progress_bar, state["step"], total)
         for step in range(state["step"] + 1, total + 1):
             if stop:  # signalled during start-up or while saving: nothing of this step ran yet
                 break
@@ -274,7 +276,7 @@ def train_one_step(
         samples = rollout(cfg, step, prompts, engine, tokenizer)
     fault_point("rollout", step, groups.all())
     with timer("score"):
-        score(cfg, samples, groups, needs)
+        score(samples, groups, needs, cfg.trainer.metrics_top_k)
     fault_point("score", step, groups.all())
     metrics = rollout_metrics(samples)
     if not scores_finite(samples):
@@ -346,10 +348,12 @@ def _score_group(group: WorkerGroup, samples: list[Sample], **kwargs: Any) -> di
     return merged
 
 
-def score(cfg: OPDConfig, samples: list[Sample], groups: Groups, needs: Any) -> None:
+def score(samples: list[Sample], groups: Groups, needs: Any, metrics_top_k: int = 0) -> None:
     """Fill the per-token scores the objective asks for (nothing more):
     ℓ_old and the student top-K (student group), ℓ_T and the teacher top-K or the teacher's
-    log-probs at the student top-K (each sample's own teacher), ℓ_R (its reference)."""
+    log-probs at the student top-K (each sample's own teacher), ℓ_R (its reference).
+    ``metrics_top_k``: objectives without a support still get the teacher's top-K of this size
+    (a few numbers per token) for the teacher/student top-K overlap metric."""
     student_topk = needs.support == "student_topk"
     if needs.old_logp or student_topk:
         got = _score_group(groups.student, samples, top_k=needs.top_k if student_topk else 0)
@@ -366,7 +370,7 @@ def score(cfg: OPDConfig, samples: list[Sample], groups: Groups, needs: Any) -> 
         got = _score_group(
             groups.teachers[name],
             subset,
-            top_k=needs.top_k if needs.support == "teacher_topk" else 0,
+            top_k=needs.top_k if needs.support == "teacher_topk" else (0 if needs.support else metrics_top_k),
             ids_field="student_topk_ids" if student_topk else None,
         )
         for s in subset:
@@ -454,20 +458,18 @@ class Evaluator:
 
 
 class PhaseTimer:
+    """Wall time of each phase of a step (``with timer("rollout"): ...``)."""
+
     def __init__(self) -> None:
         self.times: dict[str, float] = {}
 
-    def __call__(self, name: str) -> Any:
-        timer = self
-
-        class _Ctx:
-            def __enter__(self) -> None:
-                self.t0 = time.perf_counter()
-
-            def __exit__(self, *exc: Any) -> None:
-                timer.times[name] = timer.times.get(name, 0.0) + time.perf_counter() - self.t0
-
-        return _Ctx()
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
 
     @property
     def total(self) -> float:
@@ -477,7 +479,9 @@ class PhaseTimer:
         return {f"time/{k}_s": v for k, v in self.times.items()} | {"time/step_s": self.total}
 
 
-class _Progress:
+class Progress:
+    """A tqdm bar with one summary line per step (plain lines without the bar)."""
+
     def __init__(self, enabled: bool, start: int, total: int) -> None:
         self.bar = None
         if enabled:
@@ -495,7 +499,3 @@ class _Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-
-
-def _progress(cfg: OPDConfig, start: int, total: int) -> _Progress:
-    return _Progress(cfg.logging.progress_bar, start, total)

@@ -56,6 +56,8 @@ def token_batch(worker: ModelWorker, mb: MicroBatch, rows: Tensor, weights: Tens
         support_ids, support_logp = field("teacher_topk_ids"), field("teacher_topk_logp")
     elif req.support == "student_topk":
         support_ids, support_logp = field("student_topk_ids"), field("teacher_ids_logp")
+    else:  # no support in the loss: the teacher's top-K (when fetched) feeds the top-K overlap metric only
+        support_ids, support_logp = field("teacher_topk_ids"), field("teacher_topk_logp")
     names = list(worker.spec.teacher_names)
     teacher_index = torch.tensor(
         [names.index(s.teacher) if s.teacher in names else 0 for s in mb.samples], device=device

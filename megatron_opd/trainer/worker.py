@@ -10,7 +10,6 @@ weight export for rollout weight sync. Ray runs each instance as an actor (``wor
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import socket
 import time
@@ -328,7 +327,3 @@ class ModelWorker:
 
     def ping(self) -> dict[str, Any]:
         return {"rank": self.rank, "pid": os.getpid(), "time": time.time()}
-
-
-def finite(x: float) -> bool:
-    return math.isfinite(x)

@@ -101,6 +101,7 @@ def test_run_outputs(runs: dict[str, Path]) -> None:
         "teacher/reverse_kl",
         "student/entropy",
         "rollout/response_len",
+        "support/topk_overlap",
         "time/rollout_s",
         "time/score_s",
         "time/train_s",

@@ -46,7 +46,7 @@ def test_each_sample_scored_by_its_teacher_and_reference() -> None:
         references={"math": FakeGroup("ref-math", -3.0), "code": FakeGroup("ref-code", -4.0)},
     )
     needs = Requirements(teacher_logp=True, reference="teacher_base", old_logp=True, support="teacher_topk", top_k=4)
-    driver.score(None, samples, groups, needs)  # type: ignore[arg-type]
+    driver.score(samples, groups, needs, metrics_top_k=5)
     expected = {"math": (-1.0, -3.0), "code": (-2.0, -4.0)}
     for s in samples:
         t, r = expected[s.teacher]
@@ -63,8 +63,10 @@ def test_nothing_extra_is_computed() -> None:
     samples = make_samples(4, seed=1)
     student, teacher = FakeGroup("student", -9.0), FakeGroup("default", -1.0)
     groups = driver.Groups(student=student, teachers={"default": teacher}, references={})
-    driver.score(None, samples, groups, Requirements(teacher_logp=True))  # type: ignore[arg-type]
+    driver.score(samples, groups, Requirements(teacher_logp=True))
     assert student.calls == [] and teacher.calls[0]["top_k"] == 0 and teacher.calls[0]["ids_field"] is None
+    driver.score(samples, groups, Requirements(teacher_logp=True), metrics_top_k=3)  # overlap metric only
+    assert teacher.calls[1]["top_k"] == 3 and student.calls == []
     assert all(s.ref_logp is None and s.old_logp is None for s in samples)
 
 
@@ -72,7 +74,7 @@ def test_student_topk_support_round_trip() -> None:
     samples = make_samples(4, seed=2)
     student, teacher = FakeGroup("student", -9.0), FakeGroup("default", -1.0)
     groups = driver.Groups(student=student, teachers={"default": teacher}, references={})
-    driver.score(None, samples, groups, Requirements(teacher_logp=True, support="student_topk", top_k=3))  # type: ignore[arg-type]
+    driver.score(samples, groups, Requirements(teacher_logp=True, support="student_topk", top_k=3), metrics_top_k=5)
     assert student.calls[0]["top_k"] == 3  # the student's top-K first ...
     assert teacher.calls[0]["ids_field"] == "student_topk_ids"  # ... then the teacher scores at those ids
     assert all(s.teacher_ids_logp is not None and s.student_topk_ids is not None for s in samples)

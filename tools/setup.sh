@@ -8,6 +8,11 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
-python -m pip install -q "${OPD_TORCH:-torch==2.13.0}"
+if [ -z "${OPD_TORCH:-}" ]; then
+  # CPU: torch's CPU build, and the Triton release whose interpreter the kernel tests are verified on
+  python -m pip install -q "torch==2.13.0" "triton==3.7.1"
+else
+  python -m pip install -q "$OPD_TORCH"
+fi
 python -m pip install -q -e ".[test]"
 echo "megatron_opd installed in $(pwd)/.venv"

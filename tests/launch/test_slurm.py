@@ -111,7 +111,7 @@ def test_stop_requeue_cancel_resume_complete(
 
     # a resubmission, with the rollouts served from the second node: resumes after the last complete
     # checkpoint and runs to the end
-    last, before = checkpoints(run)[-1], len(steps_logged(run))
+    last = checkpoints(run)[-1]
     env = {**job_env, "OPD_ROLLOUT_NODES": "1", "OPD_ROLLOUT_SERVER": "opd"}
     again = submit(slurm, tmp_path, env, demo_config, *args, nodes=2)
     info = slurm.wait_job(again, {"COMPLETED", "FAILED", "CANCELLED"}, timeout_s=300)
@@ -121,7 +121,9 @@ def test_stop_requeue_cancel_resume_complete(
     urls = (logs / "rollout" / "n2.urls").read_text().split()
     rollout = yaml.safe_load((run / "config.yaml").read_text())["rollout"]
     assert rollout["engine"] == "sglang" and rollout["sglang"]["urls"] == urls
-    assert steps_logged(run)[before:] == list(range(last + 1, STEPS + 1))
+    # metrics.jsonl was cut back to the checkpoint on resume: every step exactly once, in order
+    assert steps_logged(run) == list(range(1, STEPS + 1)) and last < STEPS
+    assert f"resuming from {run / 'checkpoints' / f'iter_{last:07d}'}" in log, log[-4000:]
     assert checkpoints(run)[-1] == STEPS
     assert json.loads((run / "summary.json").read_text())["steps"] == STEPS
     assert_clean(slurm, again)

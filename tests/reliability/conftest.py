@@ -29,7 +29,7 @@ from typing import Any
 import psutil
 import pytest
 
-from megatron_opd.models.tiny import save_tiny_model, tiny_config
+from tests.tiny_runs import save_model, tokenizer_config, write_task_data
 
 TAG_ENV = "OPD_TEST_RUN"
 FAULTS: list[tuple[str, str, str]] = []  # (fault, promise, outcome) in test order
@@ -121,31 +121,23 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (another architecture); ``data/{train,val,test}.parquet``; ``config.yaml`` (``CONFIG``)."""
     import torch
 
-    from megatron_opd.demo.task import TaskSpec, split_problems, write_split
-    from megatron_opd.demo.tokenizer import build_tokenizer, save_tokenizer
-
     root = tmp_path_factory.mktemp("reliability")
-    tok = build_tokenizer()
-    special = dict(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     models = {
-        "student": (tiny_config(vocab_size=len(tok), **special), 1),
-        "teacher": (tiny_config(vocab_size=len(tok), **special), 2),
-        "teacher_nan": (tiny_config(vocab_size=len(tok), **special), 2),
-        "teacher_vocab": (tiny_config(vocab_size=len(tok) + 8, **special), 2),
-        "teacher_tokens": (tiny_config(vocab_size=len(tok), **special), 2),
-        "student_other": (tiny_config(vocab_size=len(tok), hidden_size=32, **special), 1),
+        "student": (tokenizer_config(), 1),
+        "teacher": (tokenizer_config(), 2),
+        "teacher_nan": (tokenizer_config(), 2),
+        "teacher_vocab": (tokenizer_config(vocab_size=tokenizer_config().vocab_size + 8), 2),
+        "teacher_tokens": (tokenizer_config(), 2),
+        "student_other": (tokenizer_config(hidden_size=32), 1),
     }
     for name, (config, seed) in models.items():
-        model = save_tiny_model(root / name, config, seed=seed)
+        model = save_model(root / name, config, seed)
         if name == "teacher_nan":
             with torch.no_grad():
                 model.lm_head.weight.fill_(float("nan"))
             model.save_pretrained(str(root / name))
-        save_tokenizer(root / name)
     swap_tokens(root / "teacher_tokens", "a", "b")
-    (root / "data").mkdir()
-    for split, problems in split_problems(TaskSpec(max_operand=12, n_val=8, n_test=8)).items():
-        write_split(root / "data" / f"{split}.parquet", problems, split)
+    write_task_data(root)
     (root / "config.yaml").write_text(CONFIG.format(root=root))
     return root
 

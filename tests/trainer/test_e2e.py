@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_opd.models.tiny import save_tiny_model, tiny_config
+from tests.tiny_runs import save_model, tokenizer_config, write_task_data
 
 CONFIG = """
 student:
@@ -50,18 +50,10 @@ logging:
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from megatron_opd.demo.task import TaskSpec, split_problems, write_split
-    from megatron_opd.demo.tokenizer import build_tokenizer, save_tokenizer
-
     root = tmp_path_factory.mktemp("e2e")
-    tok = build_tokenizer()
-    for name, moe, seed in (("student", False, 1), ("teacher", True, 2)):
-        config = tiny_config(moe=moe, vocab_size=len(tok), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-        save_tiny_model(root / name, config, seed=seed)
-        save_tokenizer(root / name)
-    (root / "data").mkdir()
-    for split, problems in split_problems(TaskSpec(max_operand=12, n_val=8, n_test=8)).items():
-        write_split(root / "data" / f"{split}.parquet", problems, split)
+    save_model(root / "student", tokenizer_config(), seed=1)
+    save_model(root / "teacher", tokenizer_config(moe=True), seed=2)
+    write_task_data(root)
     (root / "config.yaml").write_text(CONFIG.format(root=root))
     return root
 

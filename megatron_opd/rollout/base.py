@@ -99,4 +99,9 @@ class RolloutEngine(Protocol):
 
     def health(self) -> bool: ...
 
+    def server_stats(self) -> dict[str, float]:
+        """Cumulative fault counters for the step metrics (``rollout/server_failures``, ...); ``{}``
+        for in-process engines."""
+        ...
+
     def shutdown(self) -> None: ...

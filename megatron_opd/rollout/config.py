@@ -21,7 +21,8 @@ class SGLangConfig:
     base_gpu_id: int = 0
     extra_args: list[str] = dataclasses.field(default_factory=list)  # appended to sglang.launch_server
     log_dir: str | None = None  # server logs (default: a temporary directory, printed at launch)
-    startup_timeout_s: float = 900.0
+    startup_timeout_s: float = 900.0  # launch and each restart
+    max_restarts: int = 2  # launched servers: restarts per server after a crash or hang before it is dropped
     concurrency_per_server: int = 4  # HTTP requests in flight per server (each of rollout.batch_size prompts)
     weight_sync: str = "disk"  # disk | distributed
     weight_sync_dir: str | None = None  # disk: where the HF safetensors go (shared FS for remote servers)
@@ -80,6 +81,7 @@ class RolloutConfig:
         check_positive("rollout.weight_sync_bucket_mb", self.weight_sync_bucket_mb)
         for key in ("num_servers", "tp_size", "dp_size", "concurrency_per_server"):
             check_positive(f"rollout.sglang.{key}", getattr(s, key))
+        check_positive("rollout.sglang.max_restarts", s.max_restarts, allow_zero=True)
         if not 0.0 < s.mem_fraction_static < 1.0:
             raise ConfigError(
                 "rollout.sglang.mem_fraction_static",

@@ -246,6 +246,9 @@ class HFEngine:
     def health(self) -> bool:
         return self.model is not None
 
+    def server_stats(self) -> dict[str, float]:
+        return {}  # in-process: no servers to fail
+
     def shutdown(self) -> None:
         """Release the model (the engine cannot generate afterwards)."""
         with self._lock:

@@ -252,7 +252,9 @@ class OPDServer(ThreadingHTTPServer):
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="opd serve", description="Serve an HF model behind SGLang's HTTP API.")
-    parser.add_argument("--model", required=True, help="local Hugging Face model directory")
+    parser.add_argument(
+        "--model", "--model-path", dest="model", required=True, help="local Hugging Face model directory"
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=30000, help="0 picks a free port (printed at start)")
     parser.add_argument("--batch-size", type=int, default=64, help="sequences per forward batch")

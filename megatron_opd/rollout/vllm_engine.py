@@ -117,6 +117,9 @@ class VLLMEngine:
     def health(self) -> bool:
         return self.llm is not None
 
+    def server_stats(self) -> dict[str, float]:
+        return {}  # in-process: no servers to fail
+
     def shutdown(self) -> None:
         self.llm = None
         if torch.cuda.is_available():

@@ -73,5 +73,5 @@ def receive_weights(
 
 
 def destroy_weight_update_group(group: dist.ProcessGroup) -> None:
-    c10d._world.pg_group_ranks.pop(group, None)
+    """Shut the group down and forget it (``destroy_process_group`` drops its rank mapping too)."""
     dist.destroy_process_group(group)

@@ -278,7 +278,7 @@ def train_one_step(
     with timer("score"):
         score(samples, groups, needs, cfg.trainer.metrics_top_k)
     fault_point("score", step, groups.all())
-    metrics = rollout_metrics(samples)
+    metrics = {**rollout_metrics(samples), **engine.server_stats()}
     if not scores_finite(samples):
         log.warning("step %d: non-finite teacher/reference scores; skipping the update", step)
         metrics.update(timer.metrics(), skipped_nonfinite=True)

@@ -84,5 +84,8 @@ class ScriptedEngine:
     def health(self) -> bool:
         return True
 
+    def server_stats(self) -> dict[str, float]:
+        return {}
+
     def shutdown(self) -> None:
         pass

@@ -31,7 +31,7 @@ def dense_dir_b(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def serve_commands(model_dir: Path, count: int, name: str = "opd") -> list[ServerCommand]:
     """``opd serve`` command lines on free ports."""
     ports = find_free_ports("127.0.0.1", 0, count)
-    base = [sys.executable, "-m", "megatron_opd.cli", "serve", "--model", str(model_dir), "--batch-size", "4"]
+    base = [sys.executable, "-m", "megatron_opd.cli", "serve", "--model-path", str(model_dir), "--batch-size", "4"]
     return [
         ServerCommand(f"http://127.0.0.1:{p}", [*base, "--port", str(p)], {"OMP_NUM_THREADS": "1"}, f"{name}{i}")
         for i, p in enumerate(ports)

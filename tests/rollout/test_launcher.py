@@ -37,6 +37,13 @@ def test_sglang_commands() -> None:
         assert flag(c.command, "--model-path") == "/models/qwen3" and flag(c.command, "--tp-size") == "2"
         assert flag(c.command, "--dp-size") == "2" and flag(c.command, "--mem-fraction-static") == "0.55"
         assert c.url == f"http://127.0.0.1:{flag(c.command, '--port')}" and c.command[-1] == "--enable-memory-saver"
+    moved = cmds[1].with_model_path("/ckpt/v3")  # a restart on the latest weights: only the model changes
+    assert (
+        flag(moved.command, "--model-path") == "/ckpt/v3" and flag(cmds[1].command, "--model-path") == "/models/qwen3"
+    )
+    assert [a for a in moved.command if a != "/ckpt/v3"] == [a for a in cmds[1].command if a != "/models/qwen3"]
+    with pytest.raises(RolloutError, match="no --model-path to replace"):
+        ServerCommand("http://h:1", ["serve", "--model", "m"]).with_model_path("x")
 
 
 def test_gpu_check_names_the_fix() -> None:

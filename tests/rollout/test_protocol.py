@@ -105,3 +105,13 @@ def test_distributed_sync_needs_one_dp_replica_per_server() -> None:
     cfg.sglang.weight_sync, cfg.sglang.dp_size = "distributed", 2
     with pytest.raises(ConfigError, match=r"rollout.sglang.dp_size=2.*use dp_size=1 and more servers"):
         cfg.validate()
+
+
+def test_max_restarts_is_not_negative() -> None:
+    from megatron_opd.config.errors import ConfigError
+    from megatron_opd.rollout.config import RolloutConfig
+
+    cfg = RolloutConfig(engine="sglang")
+    cfg.sglang.max_restarts = -1
+    with pytest.raises(ConfigError, match=r"rollout.sglang.max_restarts=-1"):
+        cfg.validate()

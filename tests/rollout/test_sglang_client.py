@@ -185,7 +185,9 @@ def test_weight_update_from_disk(servers: list[str], dense_dir: Path, dense_dir_
     same(engine.generate(PROMPTS, SP), before)
 
 
-def test_weight_update_over_a_process_group(servers: list[str], dense_dir: Path, dense_dir_b: Path) -> None:
+def test_weight_update_over_a_process_group(
+    servers: list[str], dense_dir: Path, dense_dir_b: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     cfg = config(servers)
     cfg.sglang.weight_sync = "distributed"
     cfg.sglang.weight_sync_backend = "gloo"
@@ -199,3 +201,7 @@ def test_weight_update_over_a_process_group(servers: list[str], dense_dir: Path,
     finally:
         engine.shutdown()  # destroys the group on both sides
         _restore(servers, dense_dir)
+    assert "destroying the weight update group" not in caplog.text  # both sides tore it down cleanly
+    for url in servers:
+        gone = requests.post(url + "/destroy_weights_update_group", json={"group_name": "weight_update_group"})
+        assert gone.status_code == 400 and "no weight update group" in gone.text

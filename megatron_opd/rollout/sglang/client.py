@@ -8,16 +8,26 @@ to the up server with the fewest in flight (ties: the one given the fewest so fa
 Failures. A connection error, a timeout (``rollout.request_timeout_s``), a 5xx/408/429 answer or
 a garbled body marks the server down, records a :class:`ServerFailure` (logged, and kept in
 ``engine.failures``) and re-sends the request to another server after a backoff
-(``retry_backoff_s``, doubling), at most ``max_retries`` times per request. When no server is up,
-down servers are probed with ``GET /health`` and revived if they answer; otherwise, or when a
-request has used its retries, ``generate`` raises :class:`RolloutError` naming every failed server.
-A 4xx answer is the request's fault and raises at once. Down servers are probed again at the start
-of each ``generate``. Nothing waits without a timeout.
+(``retry_backoff_s``, doubling), at most ``max_retries`` times per request. A 4xx answer is the
+request's fault and raises at once. Nothing waits without a timeout.
+
+- A server launched here is restarted in the background (SIGKILL, the same command on the latest
+  weights, ``sglang.startup_timeout_s`` to come up), at most ``sglang.max_restarts`` times, then
+  dropped. While every server is down but one is restarting, ``generate`` waits for it.
+- An attached server (``sglang.urls``) is dropped from dispatch; down servers are probed with
+  ``GET /health`` at the start of each ``generate`` (and when no server is up) and revived if they
+  answer.
+- When no server is up or restarting, or a request has used its retries, ``generate`` raises
+  :class:`RolloutError` naming every failed server. ``server_stats()`` counts failures and restarts
+  for the step metrics.
 
 Weights. ``update_weights`` writes HF safetensors and calls ``/update_weights_from_disk`` on every
 server (``sglang.weight_sync=disk``), or broadcasts over a process group announced with
-``/init_weights_update_group`` + ``/update_weights_from_distributed`` (``distributed``). A server
-that misses an update is retired for good (it would serve stale weights).
+``/init_weights_update_group`` + ``/update_weights_from_distributed`` (``distributed``). An
+attached server that misses an update is retired for good (it would serve stale weights). With disk
+sync the latest weights directory is kept while servers are launched here, so a restarted server
+comes up on it; with distributed sync a restarted server holds the base weights, serves nothing
+until the next update, and that update rebuilds the process group with it.
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ import dataclasses
 import logging
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -72,6 +83,10 @@ class Server:
     inflight: int = 0
     assigned: int = 0  # requests given to it so far
     completed: int = 0  # requests it answered
+    process: int | None = None  # index in ``engine.processes`` when launched here
+    restarting: bool = False
+    restarts: int = 0
+    stale: bool = False  # restarted on older weights than the trainer's: idle until the next update
 
 
 def post_json(url: str, path: str, body: dict[str, Any], timeout_s: float) -> Any:
@@ -107,25 +122,36 @@ class _Job:
 class SGLangEngine:
     """A :class:`~megatron_opd.rollout.base.RolloutEngine` over SGLang's HTTP API."""
 
-    def __init__(self, cfg: RolloutConfig, model_dir: str, *, eos_token_ids: Iterable[int] = ()) -> None:
+    def __init__(
+        self,
+        cfg: RolloutConfig,
+        model_dir: str,
+        *,
+        eos_token_ids: Iterable[int] = (),
+        processes: ServerProcesses | None = None,
+    ) -> None:
+        """``processes``: servers already started for ``model_dir``, handed over to the engine
+        (restarted on failure, stopped at shutdown) instead of launching ``sglang.num_servers``."""
         self.cfg, self.model_dir = cfg, str(model_dir)
         self.stop_token_ids = tuple(eos_token_ids)  # sent with every request besides the sampling's own
         s = cfg.sglang
-        self.processes: ServerProcesses | None = None
-        if s.urls:
-            urls = [u.rstrip("/") for u in s.urls]
-            gpus = [s.tp_size * s.dp_size] * len(urls)
-        else:
+        self.processes = processes
+        if self.processes is None and not s.urls:
             check_gpus(s)
             commands = sglang_server_commands(s, self.model_dir, seed=cfg.seed)
             self.processes = ServerProcesses(commands, s.log_dir).start(s.startup_timeout_s)
-            urls, gpus = self.processes.urls, [s.tp_size * s.dp_size] * len(commands)
-        self.servers = [Server(u) for u in urls]
-        self.gpus_per_server = gpus
+        if self.processes is not None:
+            self.servers = [Server(u, process=i) for i, u in enumerate(self.processes.urls)]
+        else:
+            self.servers = [Server(u.rstrip("/")) for u in s.urls]
+        self.gpus_per_server = [s.tp_size * s.dp_size] * len(self.servers)
         self.failures: list[ServerFailure] = []
         self.weight_version = 0
         self._rng = np.random.default_rng(cfg.seed)
         self._dist: DistributedWeightSync | None = None
+        self._weights_dir: Path | None = None  # disk sync, launched servers: the latest weights (restarts load it)
+        self._restart_threads: list[threading.Thread] = []
+        urls = [sv.url for sv in self.servers]
         self._probe(self.servers)
         if not any(sv.up for sv in self.servers):
             self.shutdown()
@@ -133,7 +159,7 @@ class SGLangEngine:
 
     # -- server state -------------------------------------------------------------------------------
     def _usable(self) -> list[Server]:
-        return [sv for sv in self.servers if sv.up and not sv.retired]
+        return [sv for sv in self.servers if sv.up and not sv.retired and not sv.stale]
 
     def _mark_down(self, server: Server, error: str, sequences: int) -> None:
         server.up = False
@@ -144,8 +170,63 @@ class SGLangEngine:
             server.url,
             error,
             sequences,
-            ", ".join(others) or "a revived server (if any)",
+            ", ".join(others) or "a revived or restarted server (if any)",
         )
+        if server.process is not None:
+            self._restart_in_background(server)
+
+    def _restart_in_background(self, server: Server) -> None:
+        if server.restarting or server.retired:
+            return
+        if server.restarts >= self.cfg.sglang.max_restarts:
+            server.retired = True
+            logger.error(
+                "rollout server %s failed after %d restart(s) (rollout.sglang.max_restarts): dropped",
+                server.url,
+                server.restarts,
+            )
+            return
+        server.restarting = True
+        thread = threading.Thread(target=self._restart, args=(server,), name=f"restart {server.url}", daemon=True)
+        self._restart_threads.append(thread)
+        thread.start()
+
+    def _restart(self, server: Server) -> None:
+        """Relaunch a launched server on the latest weights on disk (the base model before any update)."""
+        assert self.processes is not None and server.process is not None
+        version = self.weight_version
+        model = str(self._weights_dir or self.model_dir)
+        try:
+            self.processes.restart(server.process, self.cfg.sglang.startup_timeout_s, model_path=model)
+        except Exception as e:  # any failure to come back drops the server, reported
+            self.processes.kill(server.process)
+            server.retired = True
+            self.failures.append(ServerFailure(server.url, f"restart failed: {e}", 0, time.time()))
+            logger.error("rollout server %s did not come back (%s): dropped", server.url, e)
+        else:
+            server.restarts += 1
+            server.stale = version > 0 and self._weights_dir is None  # distributed sync: base weights
+            server.up = True
+            logger.warning(
+                "rollout server %s restarted on %s%s",
+                server.url,
+                model,
+                " (base weights: idle until the next weight update)" if server.stale else "",
+            )
+        finally:
+            server.restarting = False
+
+    def wait_for_restarts(self) -> None:
+        """Block until every restart in progress has ended (each is bounded by ``startup_timeout_s``)."""
+        while self._restart_threads:
+            self._restart_threads.pop().join()
+
+    def server_stats(self) -> dict[str, float]:
+        return {
+            "rollout/server_failures": float(len(self.failures)),
+            "rollout/server_restarts": float(sum(sv.restarts for sv in self.servers)),
+            "rollout/servers_up": float(len(self._usable())),
+        }
 
     def _probe(self, servers: list[Server]) -> None:
         """Ask ``servers`` for ``GET /health``; mark them up or (with a recorded failure) down."""
@@ -159,7 +240,8 @@ class SGLangEngine:
             sv.up = ok
 
     def _revive(self) -> None:
-        self._probe([sv for sv in self.servers if not sv.up and not sv.retired])
+        """Probe the attached servers that are down (launched ones come back by restarting)."""
+        self._probe([sv for sv in self.servers if not sv.up and not sv.retired and sv.process is None])
 
     def _pick(self) -> Server | None:
         free = [sv for sv in self._usable() if sv.inflight < self.cfg.sglang.concurrency_per_server]
@@ -185,8 +267,8 @@ class SGLangEngine:
         try:
             while queue or inflight:
                 self._dispatch(queue, inflight, pool, prompts, sampling, seeds)
-                if not inflight:
-                    time.sleep(max(0.0, min(j.not_before for j in queue) - time.monotonic()))
+                if not inflight:  # backing off, or waiting for a restart
+                    time.sleep(max(0.05, min(j.not_before for j in queue) - time.monotonic()))
                     continue
                 done, _ = wait(list(inflight), timeout=0.5, return_when=FIRST_COMPLETED)
                 for fut in done:
@@ -237,10 +319,10 @@ class SGLangEngine:
                 self._revive()
                 server = self._pick()
                 if server is None and not self._usable():
-                    raise RolloutError(
-                        f"all {len(self.servers)} rollout servers are down: {self._failure_report()}. "
-                        "Fix: check the servers' logs (rollout.sglang.log_dir) and restart them."
-                    )
+                    if any(sv.restarting for sv in self.servers):
+                        queue.appendleft(job)
+                        return
+                    raise RolloutError(self._all_down_message())
             if server is None:  # every server is at its concurrency limit
                 queue.appendleft(job)
                 return
@@ -250,6 +332,16 @@ class SGLangEngine:
                 self._request, server.url, [prompts[i] for i in job.rows], sampling, [seeds[i] for i in job.rows]
             )
             inflight[fut] = (job, server)
+
+    def _all_down_message(self) -> str:
+        stale = [sv.url for sv in self.servers if sv.stale and not sv.retired]
+        msg = f"no rollout server of {len(self.servers)} can serve: {self._failure_report()}."
+        if stale:
+            msg += (
+                f" Restarted on the base weights, waiting for the next weight update: {stale}."
+                " Fix: use rollout.sglang.weight_sync=disk (restarts load the latest weights) or more servers."
+            )
+        return msg + " Fix: check the servers' logs (rollout.sglang.log_dir)."
 
     def _request(
         self, url: str, prompts: list[list[int]], sampling: SamplingParams, seeds: list[int]
@@ -262,20 +354,24 @@ class SGLangEngine:
 
     # -- weights ---------------------------------------------------------------------------------------
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Send new weights (HF names) to every server; servers that miss the update are retired."""
+        """Send new weights (HF names) to every server; servers that miss the update are retired.
+        Restarts in progress are waited for first (they load the latest weights)."""
+        self.wait_for_restarts()
         self.weight_version += 1
         version = str(self.weight_version)
         for sv in self.servers:
             if not sv.up and not sv.retired:
                 sv.retired = True
                 logger.error("rollout server %s is down during weight update %s: retired", sv.url, version)
-        servers = self._usable()
+        servers = [sv for sv in self.servers if sv.up and not sv.retired]  # stale ones catch up here
         if not servers:
             raise RolloutError(f"no rollout server is up to receive weights: {self._failure_report()}.")
         if self.cfg.sglang.weight_sync == "distributed":
             self._update_distributed(named_tensors, version, servers)
         else:
             self._update_from_disk(named_tensors, version, servers)
+        for sv in servers:
+            sv.stale = False
 
     def _update_from_disk(
         self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: str, servers: list[Server]
@@ -311,18 +407,27 @@ class SGLangEngine:
                 logger.error("rollout server %s failed weight update %s (%s): retired", sv.url, version, err)
             if len(errors) == len(servers):
                 raise RolloutError(f"weight update {version} failed on every server: {self._failure_report()}")
+            if self.processes is not None:  # kept for restarts; the previous one is no longer needed
+                out, self._weights_dir = self._weights_dir, out
         finally:
-            shutil.rmtree(out, ignore_errors=True)
+            if out is not None:
+                shutil.rmtree(out, ignore_errors=True)
 
     def _update_distributed(
         self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: str, servers: list[Server]
     ) -> None:
+        """Broadcast over the group of ``servers``; a group whose members changed (a server dropped,
+        or restarted and so out of the old group) is rebuilt first."""
         s = self.cfg.sglang
+        urls = [sv.url for sv in servers]
+        if self._dist is not None and (self._dist.urls != urls or any(sv.stale for sv in servers)):
+            logger.warning("rebuilding the weight update group over %s", urls)
+            self._destroy_group()
         if self._dist is None:
             port = s.weight_sync_master_port or find_free_ports(s.weight_sync_master_addr, 0, 1)[0]
             self._dist = DistributedWeightSync(
-                [sv.url for sv in self.servers],
-                self.gpus_per_server,
+                urls,
+                [self.gpus_per_server[self.servers.index(sv)] for sv in servers],
                 post_json,
                 master_address=s.weight_sync_master_addr,
                 master_port=port,
@@ -330,12 +435,16 @@ class SGLangEngine:
                 bucket_mb=self.cfg.weight_sync_bucket_mb,
                 timeout_s=self.cfg.request_timeout_s,
             )
-        if len(servers) != len(self.servers):
-            raise RolloutError(
-                "distributed weight sync needs every server of the group up; down: "
-                f"{[sv.url for sv in self.servers if sv not in servers]}. Fix: restart them, or use weight_sync=disk."
-            )
         self._dist.update(named_tensors, version)
+
+    def _destroy_group(self) -> None:
+        if self._dist is None:
+            return
+        try:
+            self._dist.destroy()
+        except RolloutError as e:  # a member that died or restarted no longer knows the group
+            logger.warning("destroying the weight update group: %s", e)
+        self._dist = None
 
     # -- lifecycle ----------------------------------------------------------------------------------------
     def health(self) -> bool:
@@ -344,12 +453,11 @@ class SGLangEngine:
         return bool(in_use) and all(healthy(sv.url) for sv in in_use)
 
     def shutdown(self) -> None:
-        if self._dist is not None:
-            try:
-                self._dist.destroy()
-            except RolloutError as e:
-                logger.warning("destroying the weight update group: %s", e)
-            self._dist = None
+        self.wait_for_restarts()
+        self._destroy_group()
         if self.processes is not None:
             self.processes.stop()
             self.processes = None
+        if self._weights_dir is not None:
+            shutil.rmtree(self._weights_dir, ignore_errors=True)
+            self._weights_dir = None

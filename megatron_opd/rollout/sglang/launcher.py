@@ -4,7 +4,8 @@
 is tested on machines without SGLang); :class:`ServerProcesses` runs any list of server commands
 (SGLang's, or ``opd serve`` in tests): one process group per server with its output in a log file,
 waits until each answers ``GET /health`` (a server that exits or stays silent past the timeout is
-an error quoting the end of its log), and stops them all (SIGTERM, then SIGKILL).
+an error quoting the end of its log), restarts one that died or hung (on the latest weights, given
+as a new ``--model-path``), and stops them all (SIGTERM, then SIGKILL).
 """
 
 from __future__ import annotations
@@ -38,6 +39,16 @@ class ServerCommand:
     command: list[str]
     env: dict[str, str] = dataclasses.field(default_factory=dict)
     name: str = "server"
+
+    def with_model_path(self, model_path: str) -> ServerCommand:
+        """The same server loading ``model_path`` (the value after ``--model-path`` replaced)."""
+        if MODEL_FLAG not in self.command[:-1]:
+            raise RolloutError(f"{self.name}: its command has no {MODEL_FLAG} to replace: {self.command}")
+        i = self.command.index(MODEL_FLAG) + 1
+        return dataclasses.replace(self, command=[*self.command[:i], model_path, *self.command[i + 1 :]])
+
+
+MODEL_FLAG = "--model-path"  # SGLang's flag; ``opd serve`` accepts it too
 
 
 def port_is_free(host: str, port: int) -> bool:
@@ -89,7 +100,7 @@ def sglang_server_commands(
         taken |= {http_port, nccl_port}
         command = [
             python, "-m", "sglang.launch_server",
-            "--model-path", model_dir,
+            MODEL_FLAG, model_dir,
             "--host", cfg.host,
             "--port", str(http_port),
             "--tp-size", str(cfg.tp_size),
@@ -136,26 +147,38 @@ class ServerProcesses:
         """Start every server and wait until all are healthy (stops them all on failure)."""
         logger.info("launching %d server(s), logs in %s", len(self.commands), self.log_dir)
         try:
-            for cmd, log_path in zip(self.commands, self.log_paths):
-                with open(log_path, "ab") as log:
-                    self.procs.append(
-                        subprocess.Popen(
-                            cmd.command,
-                            stdout=log,
-                            stderr=subprocess.STDOUT,
-                            env={**os.environ, **cmd.env},
-                            start_new_session=True,  # its own process group: stop() reaches its children
-                        )
-                    )
+            self.procs = [self._spawn(i) for i in range(len(self.commands))]
             self.wait_ready(timeout_s)
         except BaseException:
             self.stop()
             raise
         return self
 
-    def wait_ready(self, timeout_s: float) -> None:
+    def _spawn(self, i: int) -> subprocess.Popen:
+        cmd = self.commands[i]
+        with open(self.log_paths[i], "ab") as log:
+            return subprocess.Popen(
+                cmd.command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **cmd.env},
+                start_new_session=True,  # its own process group: stop() and kill() reach its children
+            )
+
+    def restart(self, i: int, timeout_s: float, model_path: str | None = None) -> None:
+        """SIGKILL server ``i`` (dead or hung) and start it again, on ``model_path`` when given, at
+        the same URL; waits until it is healthy (RolloutError quoting its log otherwise)."""
+        self.kill(i)
+        if model_path is not None:
+            self.commands[i] = self.commands[i].with_model_path(model_path)
+        logger.warning("restarting %s (%s), log %s", self.commands[i].name, self.commands[i].url, self.log_paths[i])
+        self.procs[i] = self._spawn(i)
+        self.wait_ready(timeout_s, [i])
+
+    def wait_ready(self, timeout_s: float, servers: list[int] | None = None) -> None:
+        """Wait until ``servers`` (default: all) answer ``GET /health``."""
         deadline = time.monotonic() + timeout_s
-        pending = set(range(len(self.commands)))
+        pending = set(range(len(self.commands)) if servers is None else servers)
         while pending:
             for i in sorted(pending):
                 if self.procs[i].poll() is not None:

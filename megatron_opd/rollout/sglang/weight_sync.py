@@ -155,10 +155,12 @@ class DistributedWeightSync:
 
         if self.group is None:
             return
-        with ThreadPoolExecutor(len(self.urls)) as pool:
-            futures = self._all_servers(
-                pool, "/destroy_weights_update_group", [{"group_name": self.group_name}] * len(self.urls)
-            )
-            self._results(futures, "/destroy_weights_update_group", self.urls)
-        destroy_weight_update_group(self.group)
-        self.group = None
+        try:
+            with ThreadPoolExecutor(len(self.urls)) as pool:
+                futures = self._all_servers(
+                    pool, "/destroy_weights_update_group", [{"group_name": self.group_name}] * len(self.urls)
+                )
+                self._results(futures, "/destroy_weights_update_group", self.urls)
+        finally:  # this side's group goes even when a server (dead, restarted) cannot answer
+            destroy_weight_update_group(self.group)
+            self.group = None

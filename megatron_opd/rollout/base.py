@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from megatron_opd.rollout.config import RolloutConfig
 
 FINISH_REASONS = ("stop", "length", "abort")
+MEMORY_TAGS = ("weights", "kv_cache")  # SGLang's memory regions (release / resume)
 MAX_SEED = 2**62  # seeds stay well inside int64 after adding a row index
 
 
@@ -98,6 +99,16 @@ class RolloutEngine(Protocol):
         ...
 
     def health(self) -> bool: ...
+
+    def release_memory(self) -> None:
+        """Free the engine's accelerator memory (weights and KV cache) until ``resume_memory``.
+        Released weights may come back without their values (SGLang without a CPU backup): update
+        them after resuming ``"weights"``. Between rollouts of a colocated run."""
+        ...
+
+    def resume_memory(self, tags: tuple[str, ...] | None = None) -> None:
+        """Take back the memory of ``tags`` (:data:`MEMORY_TAGS`; ``None``: all that was released)."""
+        ...
 
     def server_stats(self) -> dict[str, float]:
         """Cumulative fault counters for the step metrics (``rollout/server_failures``, ...); ``{}``

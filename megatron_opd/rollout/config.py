@@ -58,6 +58,9 @@ class RolloutConfig:
     max_retries: int = 3  # sglang: re-sends of a failed request (to another server when one is up)
     retry_backoff_s: float = 1.0  # sglang: first wait before a re-send, doubled each time
     weight_sync_bucket_mb: int = 1024  # sglang distributed / vllm: tensors sent per call
+    # Colocated runs: free the engine's GPU memory (weights, KV cache) between rollouts; the trainer
+    # re-sends the weights before the next one. sglang: launched with --enable-memory-saver.
+    offload_when_idle: bool = False
     sglang: SGLangConfig = dataclasses.field(default_factory=SGLangConfig)
     vllm: VLLMConfig = dataclasses.field(default_factory=VLLMConfig)
 

@@ -246,6 +246,18 @@ class HFEngine:
     def health(self) -> bool:
         return self.model is not None
 
+    def release_memory(self) -> None:
+        """On a GPU: the weights go to host memory (kept); on CPU there is nothing to free."""
+        if self.device.type == "cuda":
+            with self._lock:
+                self.model.to("cpu")
+                torch.cuda.empty_cache()
+
+    def resume_memory(self, tags: tuple[str, ...] | None = None) -> None:
+        if self.device.type == "cuda" and (tags is None or "weights" in tags):
+            with self._lock:
+                self.model.to(self.device)  # no KV cache is kept between calls
+
     def server_stats(self) -> dict[str, float]:
         return {}  # in-process: no servers to fail
 

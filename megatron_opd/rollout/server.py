@@ -12,6 +12,10 @@ machines where SGLang cannot be installed. Endpoints (schemas in
 - ``POST /init_weights_update_group``, ``/update_weights_from_distributed``,
   ``/destroy_weights_update_group``: weights broadcast from the trainer (any torch backend; gloo
   on CPU). This server has one rank: ``rank_offset``.
+- ``POST /release_memory_occupation``, ``/resume_memory_occupation`` (``tags``: ``weights``,
+  ``kv_cache``; none: all): as SGLang with ``--enable-memory-saver`` and no CPU backup, released
+  weights lose their values (they come back as zeros) and must be updated after resuming; while
+  anything is released, ``/generate`` is refused, and while the weights are, so are updates.
 
 Generation requests are served one at a time (the engine batches the prompts inside a request).
 """
@@ -31,8 +35,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import numpy as np
+import torch
 
-from megatron_opd.rollout.base import MAX_SEED, RolloutError
+from megatron_opd.rollout.base import MAX_SEED, MEMORY_TAGS, RolloutError
 from megatron_opd.rollout.hf_engine import HFEngine, RowRequest
 from megatron_opd.rollout.sglang import protocol
 
@@ -47,6 +52,8 @@ class ServerState:
         self.weight_version = "default"
         self.tokenizer = self._load_tokenizer(model_dir)
         self.groups: dict[str, Any] = {}
+        self.released: set[str] = set()
+        self._weight_shapes: dict[str, tuple[torch.Size, torch.dtype, torch.device]] = {}
         self._rng = np.random.default_rng(seed)
         self._rng_lock = threading.Lock()
 
@@ -61,6 +68,10 @@ class ServerState:
             return None
 
     def generate(self, body: Any) -> Any:
+        if self.released:
+            raise protocol.ProtocolError(
+                f"memory {sorted(self.released)} is released; call /resume_memory_occupation first."
+            )
         req = protocol.parse_generate_request(body, self.engine.vocab_size)
         if req.prompts is None:
             if self.tokenizer is None:
@@ -101,7 +112,28 @@ class ServerState:
             "weight_version": self.weight_version,
         }
 
+    def release_memory(self, body: dict[str, Any]) -> None:
+        tags = _memory_tags(body)
+        if "weights" in tags and "weights" not in self.released:
+            for name, param in self.engine.model.named_parameters():  # tied weights appear once
+                self._weight_shapes[name] = (param.shape, param.dtype, param.device)
+                param.data = torch.empty(0, dtype=param.dtype, device=param.device)
+        self.released |= tags
+
+    def resume_memory(self, body: dict[str, Any]) -> None:
+        tags = _memory_tags(body)
+        if "weights" in tags & self.released:
+            for name, param in self.engine.model.named_parameters():
+                shape, dtype, device = self._weight_shapes[name]
+                param.data = torch.zeros(shape, dtype=dtype, device=device)  # the values are gone
+        self.released -= tags
+
+    def _check_weights_held(self) -> None:
+        if "weights" in self.released:
+            raise protocol.ProtocolError("the weights are released; call /resume_memory_occupation first.")
+
     def update_from_disk(self, body: dict[str, Any]) -> dict[str, Any]:
+        self._check_weights_held()
         self.engine.load_weights_from_dir(_field(body, "model_path", str))
         return self._updated(body, f"Succeeded to update model weights from {body['model_path']}.")
 
@@ -125,6 +157,7 @@ class ServerState:
         from megatron_opd.rollout.weight_group import receive_weights
 
         group = self._group(body)
+        self._check_weights_held()
         tensors = receive_weights(
             group,
             _field(body, "names", list),
@@ -155,6 +188,15 @@ class ServerState:
             self.weight_version = str(version)
             message += f" Weight version updated to {version}."
         return {"success": True, "message": message}
+
+
+def _memory_tags(body: dict[str, Any]) -> set[str]:
+    tags = body.get("tags")
+    if tags is None:
+        return set(MEMORY_TAGS)
+    if not isinstance(tags, list) or not set(tags) <= set(MEMORY_TAGS):
+        raise protocol.ProtocolError(f"tags must be null or a list of {list(MEMORY_TAGS)}, got {tags!r}.")
+    return set(tags)
 
 
 def _field(body: dict[str, Any], key: str, kind: type) -> Any:
@@ -208,6 +250,8 @@ class Handler(BaseHTTPRequestHandler):
             "/init_weights_update_group": lambda: state.init_group(self._json_object()),
             "/update_weights_from_distributed": lambda: state.update_from_distributed(self._json_object()),
             "/destroy_weights_update_group": lambda: state.destroy_group(self._json_object()),
+            "/release_memory_occupation": lambda: state.release_memory(self._json_object()),
+            "/resume_memory_occupation": lambda: state.resume_memory(self._json_object()),
             "/flush_cache": lambda: None,
         }
         self._dispatch(routes)

@@ -53,6 +53,7 @@ def llm_kwargs(cfg: RolloutConfig, model_dir: str) -> dict[str, Any]:
         dtype=_DTYPES[cfg.dtype],
         seed=cfg.seed,
         logprobs_mode="processed_logprobs",
+        enable_sleep_mode=cfg.offload_when_idle,
     )
     if v.max_model_len is not None:
         kwargs["max_model_len"] = v.max_model_len
@@ -116,6 +117,13 @@ class VLLMEngine:
 
     def health(self) -> bool:
         return self.llm is not None
+
+    def release_memory(self) -> None:
+        """``LLM.sleep(level=1)``: weights to host memory, KV cache discarded."""
+        self.llm.sleep(level=1)
+
+    def resume_memory(self, tags: tuple[str, ...] | None = None) -> None:
+        self.llm.wake_up(tags=None if tags is None else list(tags))
 
     def server_stats(self) -> dict[str, float]:
         return {}  # in-process: no servers to fail

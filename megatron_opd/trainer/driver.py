@@ -1,7 +1,8 @@
 """The OPD driver: one controller that runs the whole loop, readable top to bottom.
 
-    prompts -> rollouts (engine) -> scores (student ℓ_old, teachers, references) -> objective +
-    optimizer step (student group) -> weight sync (engine) -> metrics, checkpoint, eval
+    prompts -> rollouts (engine; it then frees its GPU memory when rollout.offload_when_idle) ->
+    scores (student ℓ_old, teachers, references) -> objective + optimizer step (student group) ->
+    weight sync (engine) -> metrics, checkpoint, eval
 
 Everything heavy runs in worker groups (Ray actors, one torch.distributed world per model); the
 driver holds the data loader, the rollout engine client and the bookkeeping. ``run_training`` is
@@ -27,6 +28,7 @@ import torch
 from megatron_opd.config.loader import to_yaml
 from megatron_opd.config.schema import ModelConfig, OPDConfig, model_hf_dir
 from megatron_opd.rollout.base import RolloutEngine, SamplingParams
+from megatron_opd.rollout.offload import OffloadedEngine
 from megatron_opd.trainer.batch import Sample, split_for_data_parallel
 from megatron_opd.trainer.checkpoint import CheckpointManager, resolve_resume
 from megatron_opd.trainer.faults import fault_point
@@ -131,6 +133,8 @@ def run_training(cfg: OPDConfig) -> dict[str, Any]:
     ensure_ray()
     groups = build_groups(cfg, tokenizer, worker_objective, needs)
     engine = build_engine(cfg.rollout, model_hf_dir(cfg.student.path), tokenizer=tokenizer)
+    if cfg.rollout.offload_when_idle:  # the engine frees its GPU memory after each rollout
+        engine = OffloadedEngine(engine, lambda: groups.student.call("export_hf_tensors")[0])
     metrics_log = MetricsLogger(run_dir, cfg.logging, json.loads(json.dumps(dataclasses.asdict(cfg), default=str)))
     state: dict[str, Any] = {"step": 0, "eval_before": None, "bad_steps": 0}
     try:
@@ -274,6 +278,8 @@ def train_one_step(
     with timer("rollout"):
         prompts = loader.next_batch()
         samples = rollout(cfg, step, prompts, engine, tokenizer)
+        if cfg.rollout.offload_when_idle:
+            engine.release_memory()  # until the weight sync (weights) and the next rollout (KV cache)
     fault_point("rollout", step, groups.all())
     with timer("score"):
         score(samples, groups, needs, cfg.trainer.metrics_top_k)

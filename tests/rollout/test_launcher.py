@@ -37,6 +37,13 @@ def test_sglang_commands() -> None:
         assert flag(c.command, "--model-path") == "/models/qwen3" and flag(c.command, "--tp-size") == "2"
         assert flag(c.command, "--dp-size") == "2" and flag(c.command, "--mem-fraction-static") == "0.55"
         assert c.url == f"http://127.0.0.1:{flag(c.command, '--port')}" and c.command[-1] == "--enable-memory-saver"
+    saver = sglang_server_commands(cfg, "/models/qwen3", seed=5, python="py", memory_saver=True)
+    assert [c.command.count("--enable-memory-saver") for c in saver] == [1, 1, 1]  # already in extra_args
+    cfg.extra_args = []
+    assert all(
+        c.command[-1] == "--enable-memory-saver" for c in sglang_server_commands(cfg, "/m", seed=5, memory_saver=True)
+    )
+    assert all("--enable-memory-saver" not in c.command for c in sglang_server_commands(cfg, "/m", seed=5))
     moved = cmds[1].with_model_path("/ckpt/v3")  # a restart on the latest weights: only the model changes
     assert (
         flag(moved.command, "--model-path") == "/ckpt/v3" and flag(cmds[1].command, "--model-path") == "/models/qwen3"

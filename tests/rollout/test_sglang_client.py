@@ -17,6 +17,7 @@ from megatron_opd.convert.hf_io import HFCheckpointReader
 from megatron_opd.rollout import RolloutConfig, build_engine
 from megatron_opd.rollout.base import Completion, RolloutError, SamplingParams
 from megatron_opd.rollout.hf_engine import HFEngine
+from megatron_opd.rollout.offload import OffloadedEngine
 from megatron_opd.rollout.sglang.client import SGLangEngine
 from megatron_opd.rollout.sglang.launcher import ServerProcesses, find_free_ports
 from tests.rollout.conftest import serve_commands
@@ -205,3 +206,33 @@ def test_weight_update_over_a_process_group(
     for url in servers:
         gone = requests.post(url + "/destroy_weights_update_group", json={"group_name": "weight_update_group"})
         assert gone.status_code == 400 and "no weight update group" in gone.text
+
+
+def test_memory_release_and_resume(servers: list[str], dense_dir: Path, dense_dir_b: Path) -> None:
+    """SGLang's ``/release_memory_occupation`` semantics (no CPU backup): released weights come back
+    without their values; ``OffloadedEngine`` re-sends them before generating."""
+    engine = SGLangEngine(config(servers), str(dense_dir))
+    want, want_b = (HFEngine(d, seed=0).generate(PROMPTS, SP) for d in (dense_dir, dense_dir_b))
+    try:
+        engine.release_memory()
+        assert all(sv.released == {"weights", "kv_cache"} for sv in engine.servers)
+        with pytest.raises(RolloutError, match=r"HTTP 400.*memory \['kv_cache', 'weights'\] is released"):
+            engine.generate(PROMPTS[:2], SP)
+        engine.resume_memory(("weights",))
+        engine.update_weights(HFCheckpointReader(dense_dir).items())
+        engine.resume_memory()
+        assert all(sv.released == set() for sv in engine.servers)
+        same(engine.generate(PROMPTS, SP), want)
+        engine.release_memory()
+        engine.resume_memory()  # no update: the weights are gone (zeros), the samples change
+        assert [c.token_ids for c in engine.generate(PROMPTS, SP)] != [c.token_ids for c in want]
+
+        offloaded = OffloadedEngine(engine, lambda: HFCheckpointReader(dense_dir_b).items())
+        offloaded.release_memory()
+        same(offloaded.generate(PROMPTS, SP), want_b)  # weights pulled from the source first
+        offloaded.release_memory()
+        offloaded.update_weights(HFCheckpointReader(dense_dir).items())  # the trainer's sync
+        same(offloaded.generate(PROMPTS, SP), want)
+        assert engine.failures == []
+    finally:
+        _restore(servers, dense_dir)

@@ -24,6 +24,9 @@ def test_arguments() -> None:
     kw = llm_kwargs(cfg, "/m")
     assert kw["logprobs_mode"] == "processed_logprobs" and kw["dtype"] == "bfloat16" and kw["seed"] == 4
     assert kw["tensor_parallel_size"] == 2 and kw["max_model_len"] == 4096 and kw["model"] == "/m"
+    assert kw["enable_sleep_mode"] is False
+    cfg.offload_when_idle = True  # LLM.sleep / wake_up between rollouts
+    assert llm_kwargs(cfg, "/m")["enable_sleep_mode"] is True
     sp = SamplingParams(temperature=0.7, top_p=0.9, top_k=-1, max_new_tokens=16, stop_token_ids=(3,))
     assert sampling_kwargs(sp, 123, stop_token_ids=[7]) == dict(
         n=1,

@@ -2,6 +2,9 @@
 and the reference (ExOPD), the embedded rollout engine, evaluation, checkpoints.
 
 - A run stopped after step 2 and resumed gives step 3 exactly as an uninterrupted run.
+- The same run with rollouts from an SGLang-API server (``opd serve``) that gives its memory back
+  after every rollout (``rollout.offload_when_idle``; released weights come back as zeros) trains
+  exactly as the embedded engine: the weights are re-sent before every rollout.
 - The final checkpoint converts to an HF model that samples what the trained student sampled.
 """
 
@@ -14,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from megatron_opd.rollout.sglang.launcher import ServerProcesses
+from tests.rollout.conftest import serve_commands
 from tests.tiny_runs import save_model, tokenizer_config, write_task_data
 
 CONFIG = """
@@ -70,13 +75,28 @@ def metrics(run: Path) -> dict[int, dict]:
     return {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
 
 
+def same_steps(got: dict[int, dict], want: dict[int, dict], rel: float) -> None:
+    assert sorted(got) == sorted(want) == [1, 2, 3]
+    for step in (1, 2, 3):
+        for key in ("train/loss", "train/grad_norm", "teacher/reverse_kl", "rollout/response_len"):
+            assert got[step][key] == pytest.approx(want[step][key], rel=rel, abs=1e-9), (step, key)
+
+
 @pytest.fixture(scope="module")
 def runs(assets: Path) -> dict[str, Path]:
     full, resumed = assets / "run_full", assets / "run_resumed"
     opd("train", str(assets / "config.yaml"), f"run_dir={full}")
     opd("train", str(assets / "config.yaml"), f"run_dir={resumed}", "trainer.steps=2")
     opd("train", str(assets / "config.yaml"), f"run_dir={resumed}", "trainer.steps=3")
-    return {"full": full, "resumed": resumed}
+    with ServerProcesses(serve_commands(assets / "student", 1), assets / "server_logs").start(120) as server:
+        served = assets / "run_served"
+        overrides = [
+            "rollout.engine=sglang",
+            f"rollout.sglang.urls=[{server.urls[0]}]",
+            "rollout.offload_when_idle=true",
+        ]
+        opd("train", str(assets / "config.yaml"), f"run_dir={served}", *overrides)
+    return {"full": full, "resumed": resumed, "served": served}
 
 
 @pytest.mark.slow
@@ -109,11 +129,17 @@ def test_run_outputs(runs: dict[str, Path]) -> None:
 
 @pytest.mark.slow
 def test_resume_continues_exactly(runs: dict[str, Path]) -> None:
-    full, resumed = metrics(runs["full"]), metrics(runs["resumed"])
-    assert sorted(resumed) == [1, 2, 3]
+    same_steps(metrics(runs["resumed"]), metrics(runs["full"]), rel=1e-6)
+
+
+@pytest.mark.slow
+def test_served_rollouts_with_memory_release_train_the_same(runs: dict[str, Path]) -> None:
+    served = metrics(runs["served"])
+    same_steps(served, metrics(runs["full"]), rel=1e-4)  # served: other batch shapes, same tokens
     for step in (1, 2, 3):
-        for key in ("train/loss", "train/grad_norm", "teacher/reverse_kl", "rollout/response_len"):
-            assert resumed[step][key] == pytest.approx(full[step][key], rel=1e-6, abs=1e-9), (step, key)
+        assert served[step]["rollout/memory_releases"] == step and served[step]["rollout/server_failures"] == 0
+    summaries = [json.loads((runs[r] / "summary.json").read_text()) for r in ("full", "served")]
+    assert summaries[1]["eval_after"] == summaries[0]["eval_after"]
 
 
 @pytest.mark.slow

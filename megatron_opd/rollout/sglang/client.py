@@ -48,7 +48,7 @@ import numpy as np
 import requests
 import torch
 
-from megatron_opd.rollout.base import Completion, RolloutError, SamplingParams, row_seeds
+from megatron_opd.rollout.base import MEMORY_TAGS, Completion, RolloutError, SamplingParams, row_seeds
 from megatron_opd.rollout.config import RolloutConfig
 from megatron_opd.rollout.sglang import protocol
 from megatron_opd.rollout.sglang.launcher import ServerProcesses, check_gpus, find_free_ports, sglang_server_commands
@@ -87,6 +87,7 @@ class Server:
     restarting: bool = False
     restarts: int = 0
     stale: bool = False  # restarted on older weights than the trainer's: idle until the next update
+    released: set[str] = dataclasses.field(default_factory=set)  # memory regions given back (MEMORY_TAGS)
 
 
 def post_json(url: str, path: str, body: dict[str, Any], timeout_s: float) -> Any:
@@ -99,6 +100,8 @@ def post_json(url: str, path: str, body: dict[str, Any], timeout_s: float) -> An
         raise RetryableError(f"HTTP {r.status_code}: {r.text[:300]}")
     if r.status_code != 200:
         raise RequestError(f"HTTP {r.status_code} from {url}{path}: {r.text[:500]}")
+    if not r.content:  # e.g. the memory endpoints: 200 and nothing to say
+        return None
     try:
         return r.json()
     except ValueError as e:
@@ -138,7 +141,7 @@ class SGLangEngine:
         self.processes = processes
         if self.processes is None and not s.urls:
             check_gpus(s)
-            commands = sglang_server_commands(s, self.model_dir, seed=cfg.seed)
+            commands = sglang_server_commands(s, self.model_dir, seed=cfg.seed, memory_saver=cfg.offload_when_idle)
             self.processes = ServerProcesses(commands, s.log_dir).start(s.startup_timeout_s)
         if self.processes is not None:
             self.servers = [Server(u, process=i) for i, u in enumerate(self.processes.urls)]
@@ -205,6 +208,7 @@ class SGLangEngine:
             logger.error("rollout server %s did not come back (%s): dropped", server.url, e)
         else:
             server.restarts += 1
+            server.released = set()  # a fresh process holds all its memory
             server.stale = version > 0 and self._weights_dir is None  # distributed sync: base weights
             server.up = True
             logger.warning(
@@ -388,19 +392,7 @@ class SGLangEngine:
                 named_tensors, out, load_hf_config(self.model_dir), tokenizer_dir=self.model_dir, overwrite=True
             )
             body = protocol.update_weights_from_disk_body(str(out), version)
-            with ThreadPoolExecutor(len(servers)) as pool:
-                futures = {
-                    sv: pool.submit(post_json, sv.url, "/update_weights_from_disk", body, self.cfg.request_timeout_s)
-                    for sv in servers
-                }
-            errors = {}
-            for sv, fut in futures.items():
-                try:
-                    answer = fut.result()
-                    if not answer.get("success"):
-                        errors[sv] = answer.get("message", "success=false")
-                except (RetryableError, RequestError) as e:
-                    errors[sv] = str(e)
+            errors = self._post_all(servers, "/update_weights_from_disk", body)
             for sv, err in errors.items():
                 sv.retired = True
                 self.failures.append(ServerFailure(sv.url, f"weight update {version}: {err}", 0, time.time()))
@@ -412,6 +404,21 @@ class SGLangEngine:
         finally:
             if out is not None:
                 shutil.rmtree(out, ignore_errors=True)
+
+    def _post_all(self, servers: list[Server], path: str, body: dict[str, Any]) -> dict[Server, str]:
+        """POST ``body`` to every server at once; the servers that failed, with their errors (an
+        answer with ``"success": false`` is a failure; SGLang's memory endpoints answer ``null``)."""
+        with ThreadPoolExecutor(len(servers)) as pool:
+            futures = {sv: pool.submit(post_json, sv.url, path, body, self.cfg.request_timeout_s) for sv in servers}
+        errors = {}
+        for sv, fut in futures.items():
+            try:
+                answer = fut.result()
+                if isinstance(answer, dict) and answer.get("success") is False:
+                    errors[sv] = answer.get("message", "success=false")
+            except (RetryableError, RequestError) as e:
+                errors[sv] = str(e)
+        return errors
 
     def _update_distributed(
         self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: str, servers: list[Server]
@@ -445,6 +452,36 @@ class SGLangEngine:
         except RolloutError as e:  # a member that died or restarted no longer knows the group
             logger.warning("destroying the weight update group: %s", e)
         self._dist = None
+
+    # -- memory -------------------------------------------------------------------------------------------
+    def release_memory(self) -> None:
+        """``/release_memory_occupation`` (every region) on every server in use. Servers need
+        ``--enable-memory-saver`` (added to launched servers when ``rollout.offload_when_idle``)."""
+        self._memory("/release_memory_occupation", None)
+
+    def resume_memory(self, tags: tuple[str, ...] | None = None) -> None:
+        self._memory("/resume_memory_occupation", tags)
+
+    def _memory(self, path: str, tags: tuple[str, ...] | None) -> None:
+        """Release (``tags=None``) on every server in use, or resume ``tags`` where they were released.
+        A server that fails is marked down (a launched one restarts: awake, on the latest weights)."""
+        self.wait_for_restarts()
+        release = path == "/release_memory_occupation"
+        wanted = set(MEMORY_TAGS if tags is None else tags)
+        servers = [sv for sv in self.servers if sv.up and not sv.retired and (release or sv.released & wanted)]
+        if not servers:
+            return
+        errors = self._post_all(servers, path, protocol.memory_occupation_body(tags))
+        for sv in servers:
+            if sv in errors:
+                self._mark_down(sv, f"{path}: {errors[sv]}", 0)
+            else:
+                sv.released = sv.released | wanted if release else sv.released - wanted
+        if len(errors) == len(servers):
+            raise RolloutError(
+                f"{path} failed on every rollout server: {self._failure_report()}. Fix: launch SGLang with "
+                "--enable-memory-saver (rollout.sglang.extra_args), or set rollout.offload_when_idle=false."
+            )
 
     # -- lifecycle ----------------------------------------------------------------------------------------
     def health(self) -> bool:

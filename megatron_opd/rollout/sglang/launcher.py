@@ -85,13 +85,17 @@ PORT_STRIDE = 10  # server i looks for its ports from base_port + i*PORT_STRIDE 
 
 
 def sglang_server_commands(
-    cfg: SGLangConfig, model_dir: str, *, seed: int, python: str = sys.executable
+    cfg: SGLangConfig, model_dir: str, *, seed: int, python: str = sys.executable, memory_saver: bool = False
 ) -> list[ServerCommand]:
     """The ``sglang.launch_server`` commands of ``cfg.num_servers`` servers on this node.
 
     Server ``i`` gets an HTTP port and an NCCL port found free from ``base_port + 10*i`` on, GPUs
-    ``base_gpu_id + i*tp*dp ... + tp*dp - 1`` and random seed ``seed + i``.
+    ``base_gpu_id + i*tp*dp ... + tp*dp - 1`` and random seed ``seed + i``. ``memory_saver``: with
+    ``--enable-memory-saver`` (needed to release memory between rollouts).
     """
+    extra = list(cfg.extra_args)
+    if memory_saver and "--enable-memory-saver" not in extra:
+        extra.append("--enable-memory-saver")
     gpus = cfg.tp_size * cfg.dp_size
     taken: set[int] = set()
     commands = []
@@ -109,7 +113,7 @@ def sglang_server_commands(
             "--base-gpu-id", str(cfg.base_gpu_id + i * gpus),
             "--nccl-port", str(nccl_port),
             "--random-seed", str(seed + i),
-            *cfg.extra_args,
+            *extra,
         ]  # fmt: skip
         commands.append(ServerCommand(f"http://{cfg.host}:{http_port}", command, name=f"sglang{i}"))
     return commands

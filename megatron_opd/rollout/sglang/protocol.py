@@ -139,6 +139,11 @@ def update_weights_from_distributed_body(
     }
 
 
+def memory_occupation_body(tags: tuple[str, ...] | None) -> dict[str, Any]:
+    """``/release_memory_occupation`` and ``/resume_memory_occupation`` (``tags: None``: every region)."""
+    return {"tags": None if tags is None else list(tags)}
+
+
 # -- server side -------------------------------------------------------------------------------
 @dataclasses.dataclass
 class GenerateRequest:

@@ -1,0 +1,68 @@
+"""``OffloadedEngine``: a rollout engine that gives its accelerator memory back between rollouts.
+
+In a colocated run (``rollout.offload_when_idle``) the rollout servers share the GPUs with the
+student and the teachers. After each rollout the driver calls ``release_memory()`` (weights and KV
+cache go; scoring and training get the memory), and the engine wakes itself up in stages so the
+peak stays low:
+
+1. ``update_weights`` (the trainer's weight sync): resume ``weights`` only, then load them;
+2. ``generate``: resume everything else (the KV cache), then generate.
+
+Released weights may come back without their values (SGLang without a CPU backup), so when a step
+ends without a weight sync (a skipped update) the next ``generate`` first pulls the current student
+weights from ``weights()`` itself. Never generates on lost weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+
+from megatron_opd.rollout.base import Completion, RolloutEngine, SamplingParams
+
+NamedTensors = Iterable[tuple[str, torch.Tensor]]
+
+
+class OffloadedEngine:
+    """A :class:`~megatron_opd.rollout.base.RolloutEngine` around ``engine``; ``weights()`` yields
+    the current student weights (HF names) when they must be re-sent."""
+
+    def __init__(self, engine: RolloutEngine, weights: Callable[[], NamedTensors]) -> None:
+        self.engine, self.weights = engine, weights
+        self.released = False  # any memory given back
+        self.weights_lost = False  # released weights not loaded again yet
+        self.releases = 0
+
+    def release_memory(self) -> None:
+        if not self.released:
+            self.engine.release_memory()
+            self.released = self.weights_lost = True
+            self.releases += 1
+
+    def resume_memory(self, tags: tuple[str, ...] | None = None) -> None:
+        """Everything back, weights valid (``tags`` are resumed in the safe order regardless)."""
+        if self.weights_lost:
+            self.update_weights(self.weights())
+        if self.released:
+            self.engine.resume_memory(None)
+            self.released = False
+
+    def update_weights(self, named_tensors: NamedTensors) -> None:
+        if self.weights_lost:
+            self.engine.resume_memory(("weights",))
+        self.engine.update_weights(named_tensors)
+        self.weights_lost = False
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Completion]:
+        self.resume_memory()
+        return self.engine.generate(prompts, sampling)
+
+    def health(self) -> bool:
+        return self.engine.health()
+
+    def server_stats(self) -> dict[str, float]:
+        return {**self.engine.server_stats(), "rollout/memory_releases": float(self.releases)}
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()

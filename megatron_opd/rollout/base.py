@@ -100,6 +100,17 @@ class RolloutEngine(Protocol):
 
     def health(self) -> bool: ...
 
+    def weights_dir(self) -> str | None:
+        """A fresh directory the trainer may write the next weights to (an HF safetensors
+        directory, then :meth:`update_weights_from_dir`), or ``None``: send them to
+        :meth:`update_weights`. SGLang's disk sync: rank 0 of the student writes the files itself."""
+        ...
+
+    def update_weights_from_dir(self, path: str) -> None:
+        """Load the weights of the HF directory ``path`` (from :meth:`weights_dir`: the engine
+        owns it from here)."""
+        ...
+
     def release_memory(self) -> None:
         """Free the engine's accelerator memory (weights and KV cache) until ``resume_memory``.
         Released weights may come back without their values (SGLang without a CPU backup): update

@@ -237,7 +237,10 @@ class HFEngine:
             "of the same architecture (e.g. model.layers.0.self_attn.q_proj.weight)."
         )
 
-    def load_weights_from_dir(self, path: str | Path) -> None:
+    def weights_dir(self) -> str | None:
+        return None  # in process: the tensors are handed over directly
+
+    def update_weights_from_dir(self, path: str | Path) -> None:
         """``update_weights`` from an HF safetensors directory (``/update_weights_from_disk``)."""
         from megatron_opd.convert.hf_io import HFCheckpointReader
 

@@ -49,10 +49,21 @@ class OffloadedEngine:
             self.released = False
 
     def update_weights(self, named_tensors: NamedTensors) -> None:
-        if self.weights_lost:
-            self.engine.resume_memory(("weights",))
+        self._resume_weights()
         self.engine.update_weights(named_tensors)
         self.weights_lost = False
+
+    def weights_dir(self) -> str | None:
+        return self.engine.weights_dir()
+
+    def update_weights_from_dir(self, path: str) -> None:
+        self._resume_weights()
+        self.engine.update_weights_from_dir(path)
+        self.weights_lost = False
+
+    def _resume_weights(self) -> None:
+        if self.weights_lost:
+            self.engine.resume_memory(("weights",))
 
     def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Completion]:
         self.resume_memory()

@@ -134,7 +134,7 @@ class ServerState:
 
     def update_from_disk(self, body: dict[str, Any]) -> dict[str, Any]:
         self._check_weights_held()
-        self.engine.load_weights_from_dir(_field(body, "model_path", str))
+        self.engine.update_weights_from_dir(_field(body, "model_path", str))
         return self._updated(body, f"Succeeded to update model weights from {body['model_path']}.")
 
     def init_group(self, body: dict[str, Any]) -> dict[str, Any]:

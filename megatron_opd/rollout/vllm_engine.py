@@ -118,6 +118,14 @@ class VLLMEngine:
     def health(self) -> bool:
         return self.llm is not None
 
+    def weights_dir(self) -> str | None:
+        return None  # in process: the tensors are handed over directly
+
+    def update_weights_from_dir(self, path: str) -> None:
+        from megatron_opd.convert.hf_io import HFCheckpointReader
+
+        self.update_weights(HFCheckpointReader(path).items())
+
     def release_memory(self) -> None:
         """``LLM.sleep(level=1)``: weights to host memory, KV cache discarded."""
         self.llm.sleep(level=1)

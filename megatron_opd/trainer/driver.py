@@ -16,7 +16,9 @@ import dataclasses
 import json
 import logging
 import math
+import shutil
 import signal
+import socket
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -144,7 +146,7 @@ def run_training(cfg: OPDConfig) -> dict[str, Any]:
             state = CheckpointManager.read_state(resume_from)
             loader.load_state_dict(state["data"])
             metrics_log.truncate_after(state["step"])  # steps logged after that checkpoint are redone
-            sync_weights(groups.student, engine)
+            sync_weights(cfg, groups.student, engine)
         evaluator = Evaluator(cfg, tokenizer)
         if state["eval_before"] is None and cfg.trainer.eval_before and evaluator.enabled:
             state["eval_before"] = evaluator.run(engine, run_dir / "eval" / "step_0")["accuracy"]
@@ -294,7 +296,7 @@ def train_one_step(
         train_metrics = groups.student.call_per_dp("train_step", parts)[0]
     fault_point("train", step, groups.all())
     with timer("sync"):
-        sync_weights(groups.student, engine)
+        sync_weights(cfg, groups.student, engine)
     metrics.update(train_metrics)
     metrics.update(timer.metrics())
     tokens = sum(s.num_tokens for s in samples)
@@ -411,10 +413,24 @@ def rollout_metrics(samples: list[Sample]) -> dict[str, float]:
     }
 
 
-def sync_weights(student: WorkerGroup, engine: RolloutEngine) -> None:
-    """Student weights (HF naming, gathered from all TP/PP/EP shards) into the rollout engine."""
-    tensors = student.call("export_hf_tensors")[0]
-    engine.update_weights(tensors)
+def sync_weights(cfg: OPDConfig, student: WorkerGroup, engine: RolloutEngine) -> None:
+    """Student weights (HF naming, gathered from all TP/PP/EP shards) into the rollout engine.
+
+    When the engine takes a directory (SGLang's disk sync), rank 0 of the student writes the HF
+    safetensors there itself, streaming; that needs the directory on its host: the driver's, or a
+    shared ``rollout.sglang.weight_sync_dir``. Otherwise the whole model comes to the driver."""
+    shared = cfg.rollout.sglang.weight_sync_dir is not None or student.ranks[0].hostname == socket.gethostname()
+    out = engine.weights_dir() if shared else None
+    if out is None:
+        engine.update_weights(student.call("export_hf_tensors")[0])
+        return
+    try:
+        student.call("save_hf_weights", out, model_hf_dir(cfg.student.path))
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    log.debug("student rank 0 wrote the weights to %s", out)
+    engine.update_weights_from_dir(out)
 
 
 def save_checkpoint(ckpts: CheckpointManager, student: WorkerGroup, step: int, loader: Any, state: dict) -> None:

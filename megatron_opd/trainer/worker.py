@@ -60,6 +60,7 @@ class RankInfo:
     dp_size: int
     is_output_rank: bool  # TP rank 0 of the last pipeline stage: reports results for its DP rank
     device: str
+    hostname: str
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -137,6 +138,7 @@ class ModelWorker:
             dp_size=ps.get_data_parallel_world_size(),
             is_output_rank=last and ps.get_tensor_model_parallel_rank() == 0,
             device="cuda" if torch.cuda.is_available() else "cpu",
+            hostname=socket.gethostname(),
         )
 
     def _load_weights(self, model: torch.nn.Module, path: str) -> None:
@@ -290,6 +292,19 @@ class ModelWorker:
 
         pairs = [(n, t.detach().cpu()) for n, t in iter_hf_tensors(self._unwrapped(), self.hf_config)]
         return pairs if self.rank == 0 else None
+
+    def save_hf_weights(self, out_dir: str, tokenizer_dir: str) -> int | None:
+        """Write the full model as an HF safetensors directory from rank 0, streaming (one shard
+        in memory at a time; every rank takes part in the gathers). Bytes written on rank 0."""
+        from megatron_opd.convert.export import iter_hf_tensors, save_hf_checkpoint
+
+        pairs = iter_hf_tensors(self._unwrapped(), self.hf_config)
+        if self.rank != 0:
+            for _ in pairs:
+                pass
+            return None
+        cpu = ((n, t.detach().cpu()) for n, t in pairs)
+        return save_hf_checkpoint(cpu, out_dir, self.hf_config, tokenizer_dir=tokenizer_dir, overwrite=True)
 
     def save_checkpoint(self, path: str, iteration: int) -> None:
         from megatron_opd.trainer.checkpoint import save_training_state

@@ -79,7 +79,13 @@ class ScriptedEngine:
         return out
 
     def update_weights(self, named_tensors: Iterable[tuple[str, Any]]) -> None:
-        raise NotImplementedError("a scripted engine has no weights")
+        raise AssertionError("evaluation never updates weights")
+
+    def weights_dir(self) -> str | None:
+        return None
+
+    def update_weights_from_dir(self, path: str) -> None:
+        raise AssertionError("evaluation never updates weights")
 
     def health(self) -> bool:
         return True

@@ -27,6 +27,13 @@ class Recording:
         self.weights = name
         self.calls.append(("update", name))
 
+    def weights_dir(self) -> str | None:
+        return "/sync/next"
+
+    def update_weights_from_dir(self, path: str) -> None:
+        self.weights = path
+        self.calls.append(("update_from_dir", path))
+
     def release_memory(self) -> None:
         self.calls.append("release")
         self.weights = "lost"
@@ -68,6 +75,17 @@ def test_stages_and_lost_weights() -> None:
     engine.release_memory()  # a step that ends without a sync (skipped update)
     engine.generate([[1]], sp)  # pulls the student's weights itself
     assert inner.calls == ["release", ("resume", ("weights",)), ("update", "v1"), ("resume", None), ("generate", "v1")]
-    assert engine.server_stats() == {"rollout/servers_up": 1.0, "rollout/memory_releases": 2.0} and engine.health()
+    inner.calls.clear()
+    engine.release_memory()  # the trainer wrote the files itself (SGLang disk sync)
+    engine.update_weights_from_dir(engine.weights_dir())
+    engine.generate([[1]], sp)
+    assert inner.calls == [
+        "release",
+        ("resume", ("weights",)),
+        ("update_from_dir", "/sync/next"),
+        ("resume", None),
+        ("generate", "/sync/next"),
+    ]
+    assert engine.server_stats() == {"rollout/servers_up": 1.0, "rollout/memory_releases": 3.0} and engine.health()
     engine.shutdown()
     assert inner.calls[-1] == "shutdown"

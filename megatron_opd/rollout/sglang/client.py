@@ -39,7 +39,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
@@ -360,6 +360,42 @@ class SGLangEngine:
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Send new weights (HF names) to every server; servers that miss the update are retired.
         Restarts in progress are waited for first (they load the latest weights)."""
+        out = self.weights_dir()
+        if out is None:
+            self._update(lambda version, servers: self._update_distributed(named_tensors, version, servers))
+            return
+        try:
+            from megatron_opd.convert.export import save_hf_checkpoint
+            from megatron_opd.convert.hf_io import load_hf_config
+
+            config = load_hf_config(self.model_dir)
+            save_hf_checkpoint(named_tensors, out, config, tokenizer_dir=self.model_dir, overwrite=True)
+        except BaseException:
+            shutil.rmtree(out, ignore_errors=True)
+            raise
+        self.update_weights_from_dir(out)
+
+    def weights_dir(self) -> str | None:
+        """Disk sync: a fresh directory under ``sglang.weight_sync_dir`` for the next weights (the
+        trainer may write them there itself, then call :meth:`update_weights_from_dir`)."""
+        if self.cfg.sglang.weight_sync != "disk":
+            return None
+        root = self.cfg.sglang.weight_sync_dir
+        base = Path(root) if root else Path(tempfile.gettempdir())
+        base.mkdir(parents=True, exist_ok=True)
+        return tempfile.mkdtemp(prefix=f"opd_weights_v{self.weight_version + 1}_", dir=base)
+
+    def update_weights_from_dir(self, path: str) -> None:
+        """``/update_weights_from_disk`` of the HF directory ``path`` on every server. The engine
+        owns ``path`` from here: it is removed, or kept as the latest weights for restarts."""
+        try:
+            self._update(lambda version, servers: self._post_from_disk(Path(path), version, servers))
+        except BaseException:
+            shutil.rmtree(path, ignore_errors=True)
+            raise
+
+    def _update(self, send: Callable[[str, list[Server]], None]) -> None:
+        """Bump the weight version, retire attached servers that are down, ``send`` to the rest."""
         self.wait_for_restarts()
         self.weight_version += 1
         version = str(self.weight_version)
@@ -370,40 +406,23 @@ class SGLangEngine:
         servers = [sv for sv in self.servers if sv.up and not sv.retired]  # stale ones catch up here
         if not servers:
             raise RolloutError(f"no rollout server is up to receive weights: {self._failure_report()}.")
-        if self.cfg.sglang.weight_sync == "distributed":
-            self._update_distributed(named_tensors, version, servers)
-        else:
-            self._update_from_disk(named_tensors, version, servers)
+        send(version, servers)
         for sv in servers:
             sv.stale = False
 
-    def _update_from_disk(
-        self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: str, servers: list[Server]
-    ) -> None:
-        root = self.cfg.sglang.weight_sync_dir
-        base = Path(root) if root else Path(tempfile.gettempdir())
-        base.mkdir(parents=True, exist_ok=True)
-        out = Path(tempfile.mkdtemp(prefix=f"opd_weights_v{version}_", dir=base))
-        try:
-            from megatron_opd.convert.export import save_hf_checkpoint
-            from megatron_opd.convert.hf_io import load_hf_config
-
-            save_hf_checkpoint(
-                named_tensors, out, load_hf_config(self.model_dir), tokenizer_dir=self.model_dir, overwrite=True
-            )
-            body = protocol.update_weights_from_disk_body(str(out), version)
-            errors = self._post_all(servers, "/update_weights_from_disk", body)
-            for sv, err in errors.items():
-                sv.retired = True
-                self.failures.append(ServerFailure(sv.url, f"weight update {version}: {err}", 0, time.time()))
-                logger.error("rollout server %s failed weight update %s (%s): retired", sv.url, version, err)
-            if len(errors) == len(servers):
-                raise RolloutError(f"weight update {version} failed on every server: {self._failure_report()}")
-            if self.processes is not None:  # kept for restarts; the previous one is no longer needed
-                out, self._weights_dir = self._weights_dir, out
-        finally:
-            if out is not None:
-                shutil.rmtree(out, ignore_errors=True)
+    def _post_from_disk(self, out: Path, version: str, servers: list[Server]) -> None:
+        body = protocol.update_weights_from_disk_body(str(out), version)
+        errors = self._post_all(servers, "/update_weights_from_disk", body)
+        for sv, err in errors.items():
+            sv.retired = True
+            self.failures.append(ServerFailure(sv.url, f"weight update {version}: {err}", 0, time.time()))
+            logger.error("rollout server %s failed weight update %s (%s): retired", sv.url, version, err)
+        if len(errors) == len(servers):
+            raise RolloutError(f"weight update {version} failed on every server: {self._failure_report()}")
+        if self.processes is not None:  # kept for restarts; the previous one is no longer needed
+            out, self._weights_dir = self._weights_dir, out  # type: ignore[assignment]
+        if out is not None:
+            shutil.rmtree(out, ignore_errors=True)
 
     def _post_all(self, servers: list[Server], path: str, body: dict[str, Any]) -> dict[Server, str]:
         """POST ``body`` to every server at once; the servers that failed, with their errors (an

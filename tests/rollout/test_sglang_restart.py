@@ -120,3 +120,17 @@ def test_distributed_sync_rebuilds_the_group_after_a_restart(
         assert victim.completed > completed
     finally:
         engine.shutdown()
+
+
+def test_shutdown_stops_servers_even_when_the_teardown_fails(dense_dir: Path, tmp_path: Path) -> None:
+    engine = launched(dense_dir, 1, tmp_path / "logs")
+    procs = engine.processes
+    assert procs is not None
+
+    def broken() -> None:
+        raise KeyError("torch lost the group")
+
+    engine.wait_for_restarts = broken  # type: ignore[method-assign]
+    with pytest.raises(KeyError):
+        engine.shutdown()
+    assert procs.procs[0].poll() is not None and engine.processes is None

@@ -468,7 +468,7 @@ class SGLangEngine:
             return
         try:
             self._dist.destroy()
-        except RolloutError as e:  # a member that died or restarted no longer knows the group
+        except Exception as e:  # a member that died or restarted no longer knows the group
             logger.warning("destroying the weight update group: %s", e)
         self._dist = None
 
@@ -509,11 +509,15 @@ class SGLangEngine:
         return bool(in_use) and all(healthy(sv.url) for sv in in_use)
 
     def shutdown(self) -> None:
-        self.wait_for_restarts()
-        self._destroy_group()
-        if self.processes is not None:
-            self.processes.stop()
-            self.processes = None
-        if self._weights_dir is not None:
-            shutil.rmtree(self._weights_dir, ignore_errors=True)
-            self._weights_dir = None
+        """Tear down the weight-update group, stop the servers launched here, remove kept weights
+        (the servers are stopped even when the teardown fails)."""
+        try:
+            self.wait_for_restarts()
+            self._destroy_group()
+        finally:
+            if self.processes is not None:
+                self.processes.stop()
+                self.processes = None
+            if self._weights_dir is not None:
+                shutil.rmtree(self._weights_dir, ignore_errors=True)
+                self._weights_dir = None

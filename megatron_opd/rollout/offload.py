@@ -9,8 +9,8 @@ peak stays low:
 2. ``generate``: resume everything else (the KV cache), then generate.
 
 Released weights may come back without their values (SGLang without a CPU backup), so when a step
-ends without a weight sync (a skipped update) the next ``generate`` first pulls the current student
-weights from ``weights()`` itself. Never generates on lost weights.
+ends without a weight sync (a skipped update) the next ``generate`` first runs the trainer's weight
+sync itself (``resync(engine)``). Never generates on lost weights.
 """
 
 from __future__ import annotations
@@ -19,17 +19,18 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from megatron_opd.rollout.base import Completion, RolloutEngine, SamplingParams
+from megatron_opd.rollout.base import Completion, RolloutEngine, RolloutError, SamplingParams
 
 NamedTensors = Iterable[tuple[str, torch.Tensor]]
 
 
 class OffloadedEngine:
-    """A :class:`~megatron_opd.rollout.base.RolloutEngine` around ``engine``; ``weights()`` yields
-    the current student weights (HF names) when they must be re-sent."""
+    """A :class:`~megatron_opd.rollout.base.RolloutEngine` around ``engine``; ``resync(self)`` sends
+    the current student weights into it (``update_weights`` or ``update_weights_from_dir``) when
+    they must be re-sent."""
 
-    def __init__(self, engine: RolloutEngine, weights: Callable[[], NamedTensors]) -> None:
-        self.engine, self.weights = engine, weights
+    def __init__(self, engine: RolloutEngine, resync: Callable[[OffloadedEngine], None]) -> None:
+        self.engine, self.resync = engine, resync
         self.released = False  # any memory given back
         self.weights_lost = False  # released weights not loaded again yet
         self.releases = 0
@@ -43,7 +44,9 @@ class OffloadedEngine:
     def resume_memory(self, tags: tuple[str, ...] | None = None) -> None:
         """Everything back, weights valid (``tags`` are resumed in the safe order regardless)."""
         if self.weights_lost:
-            self.update_weights(self.weights())
+            self.resync(self)
+            if self.weights_lost:
+                raise RolloutError("the weight re-sync loaded no weights into the rollout engine")
         if self.released:
             self.engine.resume_memory(None)
             self.released = False

@@ -136,7 +136,7 @@ def run_training(cfg: OPDConfig) -> dict[str, Any]:
     groups = build_groups(cfg, tokenizer, worker_objective, needs)
     engine = build_engine(cfg.rollout, model_hf_dir(cfg.student.path), tokenizer=tokenizer)
     if cfg.rollout.offload_when_idle:  # the engine frees its GPU memory after each rollout
-        engine = OffloadedEngine(engine, lambda: groups.student.call("export_hf_tensors")[0])
+        engine = OffloadedEngine(engine, lambda e: sync_weights(cfg, groups.student, e))
     metrics_log = MetricsLogger(run_dir, cfg.logging, json.loads(json.dumps(dataclasses.asdict(cfg), default=str)))
     state: dict[str, Any] = {"step": 0, "eval_before": None, "bad_steps": 0}
     try:

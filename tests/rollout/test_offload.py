@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+import pytest
 import torch
 
-from megatron_opd.rollout.base import Completion, RolloutEngine, SamplingParams
+from megatron_opd.rollout.base import Completion, RolloutEngine, RolloutError, SamplingParams
 from megatron_opd.rollout.offload import OffloadedEngine
 
 
@@ -54,7 +55,7 @@ class Recording:
 def test_stages_and_lost_weights() -> None:
     inner = Recording()
     student = {"version": "v0"}
-    engine = OffloadedEngine(inner, lambda: [(student["version"], torch.zeros(1))])
+    engine = OffloadedEngine(inner, lambda e: e.update_weights([(student["version"], torch.zeros(1))]))
     assert isinstance(engine, RolloutEngine)
     sp = SamplingParams()
     engine.generate([[1]], sp)  # never released: nothing to wake
@@ -89,3 +90,10 @@ def test_stages_and_lost_weights() -> None:
     assert engine.server_stats() == {"rollout/servers_up": 1.0, "rollout/memory_releases": 3.0} and engine.health()
     engine.shutdown()
     assert inner.calls[-1] == "shutdown"
+
+
+def test_a_resync_that_loads_nothing_is_an_error() -> None:
+    engine = OffloadedEngine(Recording(), lambda e: None)
+    engine.release_memory()
+    with pytest.raises(RolloutError, match="re-sync loaded no weights"):
+        engine.generate([[1]], SamplingParams())

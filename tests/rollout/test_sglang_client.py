@@ -227,7 +227,7 @@ def test_memory_release_and_resume(servers: list[str], dense_dir: Path, dense_di
         engine.resume_memory()  # no update: the weights are gone (zeros), the samples change
         assert [c.token_ids for c in engine.generate(PROMPTS, SP)] != [c.token_ids for c in want]
 
-        offloaded = OffloadedEngine(engine, lambda: HFCheckpointReader(dense_dir_b).items())
+        offloaded = OffloadedEngine(engine, lambda e: e.update_weights(HFCheckpointReader(dense_dir_b).items()))
         offloaded.release_memory()
         same(offloaded.generate(PROMPTS, SP), want_b)  # weights pulled from the source first
         offloaded.release_memory()

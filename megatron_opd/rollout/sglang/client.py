@@ -424,17 +424,20 @@ class SGLangEngine:
         if out is not None:
             shutil.rmtree(out, ignore_errors=True)
 
-    def _post_all(self, servers: list[Server], path: str, body: dict[str, Any]) -> dict[Server, str]:
-        """POST ``body`` to every server at once; the servers that failed, with their errors (an
-        answer with ``"success": false`` is a failure; SGLang's memory endpoints answer ``null``)."""
+    def _post_all(
+        self, servers: list[Server], path: str, body: dict[str, Any], *, confirms: bool = True
+    ) -> dict[Server, str]:
+        """POST ``body`` to every server at once; the servers that failed, with their errors.
+        ``confirms``: the answer must say ``"success": true`` (weight updates); SGLang's memory
+        endpoints answer ``null`` and fail only with an HTTP error."""
         with ThreadPoolExecutor(len(servers)) as pool:
             futures = {sv: pool.submit(post_json, sv.url, path, body, self.cfg.request_timeout_s) for sv in servers}
         errors = {}
         for sv, fut in futures.items():
             try:
                 answer = fut.result()
-                if isinstance(answer, dict) and answer.get("success") is False:
-                    errors[sv] = answer.get("message", "success=false")
+                if confirms and not (isinstance(answer, dict) and answer.get("success")):
+                    errors[sv] = answer.get("message", "success=false") if isinstance(answer, dict) else repr(answer)
             except (RetryableError, RequestError) as e:
                 errors[sv] = str(e)
         return errors
@@ -490,7 +493,7 @@ class SGLangEngine:
         servers = [sv for sv in self.servers if sv.up and not sv.retired and (release or sv.released & wanted)]
         if not servers:
             return
-        errors = self._post_all(servers, path, protocol.memory_occupation_body(tags))
+        errors = self._post_all(servers, path, protocol.memory_occupation_body(tags), confirms=False)
         for sv in servers:
             if sv in errors:
                 self._mark_down(sv, f"{path}: {errors[sv]}", 0)

@@ -9,6 +9,8 @@ from megatron_opd.cli import dispatch
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "kernels": ("megatron_opd.bench.kernels", "vocab-sized kernels vs plain torch / Liger / Megatron: time, memory"),
     "objectives": ("megatron_opd.bench.objectives", "objective losses end to end on the kernels"),
+    "student-step": ("megatron_opd.bench.student_step", "student forward+backward at Qwen3 shapes: tokens/s, MFU"),
+    "teacher-scoring": ("megatron_opd.bench.teacher_scoring", "MoE teacher forward + top-K: tokens/s, top-K share"),
 }
 
 

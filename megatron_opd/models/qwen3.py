@@ -145,7 +145,8 @@ def transformer_config_from_hf(
         use_cpu_initialization=(not cuda) if use_cpu_initialization is None else use_cpu_initialization,
         recompute_granularity=recompute_granularity,
         recompute_method="uniform" if recompute_granularity == "full" else None,
-        recompute_num_layers=recompute_num_layers if recompute_granularity == "full" else None,
+        # full: every layer recomputed on its own (megatron needs a count; 1 per checkpointed chunk)
+        recompute_num_layers=(recompute_num_layers or 1) if recompute_granularity == "full" else None,
         bias_activation_fusion=False,
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,

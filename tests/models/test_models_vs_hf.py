@@ -113,7 +113,7 @@ def test_logits_match_transformers(results: dict[str, tuple[torch.Tensor, torch.
     assert diff <= 1e-4, f"{name}: max |megatron - transformers| = {diff:.3e}"
 
 
-def _grads(path: str, ids: torch.Tensor, tp: int) -> dict[str, torch.Tensor]:
+def _grads(path: str, ids: torch.Tensor, tp: int, recompute: str | None = None) -> dict[str, torch.Tensor]:
     """Gradients of sum(log_softmax(logits)[labels]) w.r.t. all parameters, gathered to full HF
     layout via the conversion tables (so TP=1 and TP=2 compare tensor by tensor)."""
     from megatron.core import parallel_state as ps
@@ -128,7 +128,7 @@ def _grads(path: str, ids: torch.Tensor, tp: int) -> dict[str, torch.Tensor]:
 
     init_model_parallel(ParallelSizes(tp, 1, 1))
     cfg = load_hf_config(path)
-    model = build_gpt_model(cfg)
+    model = build_gpt_model(cfg, recompute_granularity=recompute)
     load_hf_weights(model, path)
     logits = model_forward(model, {"input_ids": ids[:, :-1]})  # [b, s, V/tp]
     loss = vocab_parallel_cross_entropy(logits.transpose(0, 1).contiguous(), ids[:, 1:].t().contiguous()).sum()
@@ -148,13 +148,21 @@ def _grads(path: str, ids: torch.Tensor, tp: int) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.mark.slow
-def test_tp2_gradients_equal_tp1(tmp_path) -> None:
-    path = tmp_path / "m"
+@pytest.fixture(scope="module")
+def grads_tp1(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, torch.Tensor, dict[str, torch.Tensor]]:
+    path = tmp_path_factory.mktemp("grads") / "m"
     save_tiny_model(path, tiny_config(num_attention_heads=4, num_key_value_heads=2), seed=3)
     ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
     (g1,) = spawn_world(_grads, 1, str(path), ids, 1)
-    g2 = spawn_world(_grads, 2, str(path), ids, 2)[0]
+    return str(path), ids, g1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recompute", [None, "full", "selective"])
+def test_tp2_gradients_equal_tp1(grads_tp1: tuple, recompute: str | None) -> None:
+    """TP=2 (with activation recomputation as the paper configs use it) against TP=1 without."""
+    path, ids, g1 = grads_tp1
+    g2 = spawn_world(_grads, 2, path, ids, 2, recompute)[0]
     assert g1.keys() == g2.keys()
     for name in g1:
         torch.testing.assert_close(g2[name], g1[name], rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")

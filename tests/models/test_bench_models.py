@@ -1,0 +1,97 @@
+"""``opd bench student-step`` / ``teacher-scoring``: the model-FLOPs count equals what torch's FLOP counter
+measures on the transformers model, and both benchmarks run at tiny shapes and write their records."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from megatron_opd.bench.flops import attention_flops, forward_flops, training_flops
+from megatron_opd.models.tiny import save_tiny_model, tiny_config
+
+CONFIGS = {
+    "dense": tiny_config(),
+    "dense_tied_mqa": tiny_config(num_key_value_heads=1, tie_word_embeddings=True),
+    "moe": tiny_config(moe=True),
+    "moe_sparse_step": tiny_config(moe=True, num_hidden_layers=4, decoder_sparse_step=2, intermediate_size=80),
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_forward_flops_match_the_flop_counter(name: str) -> None:
+    """Eager attention scores all s x s pairs (masked afterwards): the counter sees 4·L·q·s² there; everything
+    else it counts is the per-token matmul work ``forward_flops`` claims."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = CONFIGS[name]
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager", experts_implementation="eager")
+    s = 11
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model.eval()(torch.randint(0, cfg.vocab_size, (1, s)))
+    q = cfg.num_attention_heads * cfg.head_dim
+    eager_attention = 4 * cfg.num_hidden_layers * q * s * s
+    causal = attention_flops(cfg, [s])
+    assert causal == 4 * cfg.num_hidden_layers * q * (s * (s + 1) // 2)
+    assert forward_flops(cfg, [s]) - causal == counter.get_total_flops() - eager_attention
+    assert training_flops(cfg, [s, 3]) == 3 * (forward_flops(cfg, [s]) + forward_flops(cfg, [3]))
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("bench_models")
+    save_tiny_model(root / "dense", tiny_config(num_hidden_layers=3))
+    save_tiny_model(root / "moe", tiny_config(moe=True))
+    return root
+
+
+def bench(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "megatron_opd.cli", "bench", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.mark.slow
+def test_student_step_writes_its_record(models: Path, tmp_path: Path) -> None:
+    out = tmp_path / "s.json"
+    args = ["--model", str(models / "dense"), "--layers", "2", "--seq-len", "24", "--seqs", "2"]
+    proc = bench("student-step", *args, "--warmup", "1", "--repeats", "2", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (rec,) = json.loads(out.read_text())
+    assert rec["bench"] == "student_step" and rec["layers"] == 2 and rec["tokens"] == 48 and rec["recompute"] == "full"
+    cfg = tiny_config(num_hidden_layers=2)
+    assert rec["model_tflop"] == pytest.approx(training_flops(cfg, [24, 24]) / 1e12)
+    assert rec["achieved_tflops"] == pytest.approx(rec["model_tflop"] / (rec["time_ms"] * 1e-3))
+    assert rec["mfu"] == pytest.approx(rec["achieved_tflops"] / rec["peak_tflops_measured"])
+    assert rec["tokens_per_s"] == pytest.approx(48 / (rec["time_ms"] * 1e-3))
+    assert rec["peak_mem_bytes"] > 0 and rec["versions"]["megatron_core"].startswith("0.")
+    assert "MFU" in proc.stdout
+
+
+@pytest.mark.slow
+def test_teacher_scoring_writes_its_record(models: Path, tmp_path: Path) -> None:
+    out = tmp_path / "t.json"
+    args = ["--model", str(models / "moe"), "--layers", "2", "--seq-len", "16", "--seqs", "2", "--top-k", "8"]
+    proc = bench("teacher-scoring", *args, "--warmup", "0", "--repeats", "1", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (rec,) = json.loads(out.read_text())
+    assert rec["bench"] == "teacher_scoring" and rec["tokens"] == 32 and rec["top_k"] == 8
+    total = rec["forward_ms"] + rec["topk_ms"]
+    assert rec["topk_fraction"] == pytest.approx(rec["topk_ms"] / total)
+    assert rec["tokens_per_s"] == pytest.approx(32 / (total * 1e-3))
+
+
+def test_bad_arguments_are_refused(models: Path) -> None:
+    proc = bench("student-step", "--model", str(models / "dense"), "--seq-len", "0")
+    assert proc.returncode == 2 and "--seq-len must be > 0" in proc.stderr
+    proc = bench("teacher-scoring", "--model", str(models / "moe"), "--layers", "9")
+    assert proc.returncode == 2 and "--layers 9: choose 1 .. the model's 2 layers" in proc.stderr
+    proc = bench("teacher-scoring", "--model", str(models / "moe"), "--layers", "2", "--top-k", "129")
+    assert proc.returncode == 2 and "--top-k 129: choose 1 .. the vocabulary size 128" in proc.stderr
+    proc = bench("student-step", "--model", str(models / "nowhere"))
+    assert proc.returncode == 2 and "--model: " in proc.stderr and "no config.json" in proc.stderr

@@ -20,7 +20,7 @@ import shutil
 import signal
 import socket
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -404,13 +404,19 @@ def scores_finite(samples: list[Sample]) -> bool:
 
 
 def rollout_metrics(samples: list[Sample]) -> dict[str, float]:
+    """Response length, truncation, outcome reward and sample count; with several teachers also the
+    samples routed to each (``rollout/num_samples/<teacher>``)."""
     n = max(len(samples), 1)
-    return {
+    metrics = {
         "rollout/response_len": sum(s.response_len for s in samples) / n,
         "rollout/truncated_frac": sum(s.finish_reason == "length" for s in samples) / n,
         "rollout/reward": sum(s.reward for s in samples) / n,
         "rollout/num_samples": float(len(samples)),
     }
+    routed = Counter(s.teacher for s in samples)
+    if len(routed) > 1:
+        metrics.update({f"rollout/num_samples/{name}": float(count) for name, count in sorted(routed.items())})
+    return metrics
 
 
 def sync_weights(cfg: OPDConfig, student: WorkerGroup, engine: RolloutEngine) -> None:

@@ -33,6 +33,11 @@ LAYOUTS = {
         "teachers.0.parallel.tensor_model_parallel_size=1",
         "teachers.0.parallel.data_parallel_size=1",
     ],
+    "exopd_qwen3_4b_multi_teacher.yaml": [
+        "student.parallel.data_parallel_size=1",
+        "teachers.0.parallel.data_parallel_size=1",
+        "teachers.1.parallel.data_parallel_size=1",
+    ],
     "lsm_qwen3_8b_from_32b.yaml": [
         "student.parallel.tensor_model_parallel_size=1",
         "student.parallel.data_parallel_size=1",
@@ -42,14 +47,33 @@ LAYOUTS = {
 }
 
 
+def routed_files(demo_assets: DemoAssets, out: Path) -> list[Path]:
+    """The demo's training rows split in two files, routed to the ``math`` and the ``code`` teacher."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(demo_assets.train_file).to_pylist()
+    files = []
+    for i, teacher in enumerate(("math", "code")):
+        part = [{**r, "extra_info": {**r["extra_info"], "opd_teacher": teacher}} for r in rows[i::2]]
+        files.append(out / f"{teacher}.parquet")
+        pq.write_table(pa.Table.from_pylist(part), files[-1])
+    return files
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(LAYOUTS))
 def test_paper_config_trains_at_tiny_scale(name: str, demo_assets: DemoAssets, tmp_path: Path) -> None:
+    train_files = [demo_assets.train_file]
+    teachers = [f"teachers.0.path={demo_assets.teacher}"]
+    if name == "exopd_qwen3_4b_multi_teacher.yaml":  # a second teacher, and rows that name theirs
+        train_files = routed_files(demo_assets, tmp_path)
+        teachers.append(f"teachers.1.path={demo_assets.student}")
     overrides = [
         f"run_dir={tmp_path / 'run'}",
         f"student.path={demo_assets.student}",
-        f"teachers.0.path={demo_assets.teacher}",
-        f"data.train_files=[{demo_assets.train_file}]",
+        *teachers,
+        f"data.train_files=[{','.join(map(str, train_files))}]",
         "data.train_batch_size=4",
         "data.max_prompt_length=64",
         "rollout.engine=hf",  # SGLang cannot run here; the engine's memory release still goes through
@@ -76,3 +100,7 @@ def test_paper_config_trains_at_tiny_scale(name: str, demo_assets: DemoAssets, t
     assert all(math.isfinite(r["train/loss"]) and math.isfinite(r["train/grad_norm"]) for r in rows)
     assert all(r["rollout/memory_releases"] == r["step"] for r in rows)  # rollout.offload_when_idle: true
     assert (run / "checkpoints" / "iter_0000002" / "COMPLETE").is_file()
+    if name == "exopd_qwen3_4b_multi_teacher.yaml":  # both teachers get samples, by their rows' opd_teacher
+        for r in rows:
+            assert r["rollout/num_samples/math"] > 0 and r["rollout/num_samples/code"] > 0
+            assert r["rollout/num_samples/math"] + r["rollout/num_samples/code"] == r["rollout/num_samples"]

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from megatron_opd.bench.common import sync, time_ms
+from megatron_opd.bench.common import device_name, sync, time_ms, write_records
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -46,6 +46,44 @@ def check_model_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> No
     if args.layers is not None and not 0 < args.layers <= hf_config.num_hidden_layers:
         p.error(f"--layers {args.layers}: choose 1 .. the model's {hf_config.num_hidden_layers} layers")
     args.vocab_size = hf_config.vocab_size
+
+
+@dataclasses.dataclass
+class ModelRecord:
+    """The fields every model benchmark's record starts with (its ``--json`` schema adds its own)."""
+
+    bench: str
+    model: str
+    layers: int
+    seq_len: int
+    seqs: int
+    tokens: int
+    dtype: str
+    device: str
+    versions: dict[str, str]
+
+    @classmethod
+    def common(cls, bench: str, args: argparse.Namespace, hf_config: Any, device: torch.device) -> dict[str, Any]:
+        """This run's values of the shared fields, as keyword arguments of a record."""
+        return dict(
+            bench=bench,
+            model=args.model,
+            layers=hf_config.num_hidden_layers,
+            seq_len=args.seq_len,
+            seqs=args.seqs,
+            tokens=args.seq_len * args.seqs,
+            dtype=args.dtype,
+            device=device_name(device),
+            versions=versions(),
+        )
+
+
+def report(record: ModelRecord, summary: str, json_path: str | None) -> int:
+    """Print the one-line summary (after the device), write the record when asked; the exit code."""
+    print(f"{record.device}: {summary}", flush=True)
+    if json_path:
+        write_records([record], json_path)
+    return 0
 
 
 def init_single_rank() -> None:

@@ -16,10 +16,11 @@ import dataclasses
 
 import torch
 
-from megatron_opd.bench.common import device_name, peak_bytes, write_records
+from megatron_opd.bench.common import peak_bytes
 from megatron_opd.bench.flops import training_flops
 from megatron_opd.bench.model_setup import (
     DTYPES,
+    ModelRecord,
     add_model_args,
     build_model,
     check_model_args,
@@ -28,23 +29,15 @@ from megatron_opd.bench.model_setup import (
     matmul_peak_tflops,
     median_ms,
     packed_batch,
-    versions,
+    report,
 )
 
 
 @dataclasses.dataclass
-class Record:
+class Record(ModelRecord):
     """The JSON schema of ``--json``."""
 
-    bench: str
-    model: str
-    layers: int
-    seq_len: int
-    seqs: int
-    tokens: int
     recompute: str
-    dtype: str
-    device: str
     time_ms: float  # median forward + backward
     tokens_per_s: float
     model_tflop: float  # per step
@@ -52,7 +45,6 @@ class Record:
     peak_tflops_measured: float
     mfu: float
     peak_mem_bytes: int  # above the model's parameters (activations, logits, gradients)
-    versions: dict[str, str]
 
 
 def run(args: argparse.Namespace) -> Record:
@@ -78,25 +70,16 @@ def run(args: argparse.Namespace) -> Record:
     peak = matmul_peak_tflops(device, dtype)
     flop = training_flops(hf_config, batch.seq_lens)
     achieved = flop / (ms * 1e-3) / 1e12
-    tokens = args.seq_len * args.seqs
     return Record(
-        "student_step",
-        args.model,
-        hf_config.num_hidden_layers,
-        args.seq_len,
-        args.seqs,
-        tokens,
-        args.recompute,
-        args.dtype,
-        device_name(device),
-        ms,
-        tokens / (ms * 1e-3),
-        flop / 1e12,
-        achieved,
-        peak,
-        achieved / peak,
-        memory,
-        versions(),
+        **ModelRecord.common("student_step", args, hf_config, device),
+        recompute=args.recompute,
+        time_ms=ms,
+        tokens_per_s=args.seq_len * args.seqs / (ms * 1e-3),
+        model_tflop=flop / 1e12,
+        achieved_tflops=achieved,
+        peak_tflops_measured=peak,
+        mfu=achieved / peak,
+        peak_mem_bytes=memory,
     )
 
 
@@ -112,13 +95,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(list(argv or []))
     rec = run(args)
-    print(
-        f"{rec.device}: {rec.model} ({rec.layers} layers), {rec.seqs} x {rec.seq_len} tokens packed, "
-        f"recompute {rec.recompute}, {rec.dtype}: {rec.time_ms:.1f} ms fwd+bwd, {rec.tokens_per_s:,.0f} tokens/s, "
-        f"{rec.achieved_tflops:.1f} TFLOP/s of {rec.peak_tflops_measured:.1f} measured: MFU {rec.mfu:.1%}, "
-        f"peak memory {rec.peak_mem_bytes / 2**30:.2f} GiB",
-        flush=True,
+    summary = (
+        f"{rec.model} ({rec.layers} layers), {rec.seqs} x {rec.seq_len} tokens packed, recompute {rec.recompute}, "
+        f"{rec.dtype}: {rec.time_ms:.1f} ms fwd+bwd, {rec.tokens_per_s:,.0f} tokens/s, {rec.achieved_tflops:.1f} "
+        f"TFLOP/s of {rec.peak_tflops_measured:.1f} measured: MFU {rec.mfu:.1%}, "
+        f"peak memory {rec.peak_mem_bytes / 2**30:.2f} GiB"
     )
-    if args.json:
-        write_records([rec], args.json)
-    return 0
+    return report(rec, summary, args.json)

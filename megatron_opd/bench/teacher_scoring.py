@@ -15,10 +15,11 @@ import dataclasses
 
 import torch
 
-from megatron_opd.bench.common import device_name, peak_bytes, write_records
+from megatron_opd.bench.common import peak_bytes
 from megatron_opd.bench.flops import forward_flops
 from megatron_opd.bench.model_setup import (
     DTYPES,
+    ModelRecord,
     add_model_args,
     build_model,
     check_model_args,
@@ -26,30 +27,21 @@ from megatron_opd.bench.model_setup import (
     load_config,
     median_ms,
     packed_batch,
-    versions,
+    report,
 )
 
 
 @dataclasses.dataclass
-class Record:
+class Record(ModelRecord):
     """The JSON schema of ``--json``."""
 
-    bench: str
-    model: str
-    layers: int
-    seq_len: int
-    seqs: int
-    tokens: int
     top_k: int
-    dtype: str
-    device: str
     forward_ms: float  # median, to the logits
     topk_ms: float  # median, sampled-token log-prob + top-K on those logits
     topk_fraction: float  # topk_ms / (forward_ms + topk_ms)
     tokens_per_s: float  # scored tokens per second, both parts
     achieved_tflops: float  # model FLOPs of the forward / its time
     peak_mem_bytes: int  # above the weights
-    versions: dict[str, str]
 
 
 def run(args: argparse.Namespace) -> Record:
@@ -84,24 +76,15 @@ def run(args: argparse.Namespace) -> Record:
             topk_logprobs(out, args.top_k)
 
     memory = peak_bytes(score, device)
-    tokens = args.seq_len * args.seqs
     return Record(
-        "teacher_scoring",
-        args.model,
-        hf_config.num_hidden_layers,
-        args.seq_len,
-        args.seqs,
-        tokens,
-        args.top_k,
-        args.dtype,
-        device_name(device),
-        forward_ms,
-        topk_ms,
-        topk_ms / (forward_ms + topk_ms),
-        tokens / ((forward_ms + topk_ms) * 1e-3),
-        forward_flops(hf_config, batch.seq_lens) / (forward_ms * 1e-3) / 1e12,
-        memory,
-        versions(),
+        **ModelRecord.common("teacher_scoring", args, hf_config, device),
+        top_k=args.top_k,
+        forward_ms=forward_ms,
+        topk_ms=topk_ms,
+        topk_fraction=topk_ms / (forward_ms + topk_ms),
+        tokens_per_s=args.seq_len * args.seqs / ((forward_ms + topk_ms) * 1e-3),
+        achieved_tflops=forward_flops(hf_config, batch.seq_lens) / (forward_ms * 1e-3) / 1e12,
+        peak_mem_bytes=memory,
     )
 
 
@@ -119,13 +102,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(list(argv or []))
     rec = run(args)
-    print(
-        f"{rec.device}: {rec.model} cut to {rec.layers} layers, {rec.seqs} x {rec.seq_len} tokens packed, top-{rec.top_k}, "
+    summary = (
+        f"{rec.model} cut to {rec.layers} layers, {rec.seqs} x {rec.seq_len} tokens packed, top-{rec.top_k}, "
         f"{rec.dtype}: forward {rec.forward_ms:.1f} ms + top-K {rec.topk_ms:.1f} ms ({rec.topk_fraction:.1%}), "
         f"{rec.tokens_per_s:,.0f} tokens/s, {rec.achieved_tflops:.1f} TFLOP/s in the forward, "
-        f"peak memory {rec.peak_mem_bytes / 2**30:.2f} GiB",
-        flush=True,
+        f"peak memory {rec.peak_mem_bytes / 2**30:.2f} GiB"
     )
-    if args.json:
-        write_records([rec], args.json)
-    return 0
+    return report(rec, summary, args.json)

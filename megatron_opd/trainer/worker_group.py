@@ -34,7 +34,8 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], runtime_env={"env_vars": env}, log_to_driver=True)
         return
-    ray.init(
+    ray.init(  # "local": a private cluster, never one named by a stale /tmp/ray/ray_current_cluster
+        address="local",
         num_cpus=num_cpus or max(os.cpu_count() or 1, 8),
         include_dashboard=False,
         runtime_env={"env_vars": env},

@@ -5,8 +5,10 @@ megatron-core's local ``DotProductAttention`` materializes the [b, heads, s, s] 
 the activation dtype. On Hopper, SDPA dispatches to flash / cuDNN / memory-efficient kernels that
 never do; on CPU it is PyTorch's fused CPU kernel. GQA is native (``enable_gqa``), so keys and
 values are not repeated. Packed sequences (``PackedSeqParams`` with ``qkv_format="thd"``) run as
-one variable-length flash-attention call on CUDA, and as one causal SDPA block per sequence
-elsewhere.
+one variable-length flash-attention call where torch has ``varlen_attn`` and the flash kernel takes
+the inputs (CUDA, bf16/fp16; called through :class:`megatron_opd.platform.compat.VarlenAttention`,
+which bridges its signatures across torch versions), and as one causal SDPA block per sequence
+otherwise.
 """
 
 from __future__ import annotations
@@ -20,10 +22,7 @@ from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from torch import Tensor
 
-try:  # PyTorch >= 2.9: variable-length flash attention (CUDA)
-    from torch.nn.attention.varlen import varlen_attn as _varlen_attn
-except ImportError:  # pragma: no cover - older PyTorch
-    _varlen_attn = None
+from megatron_opd.platform import compat
 
 
 class SDPAttention(DotProductAttention):
@@ -76,11 +75,13 @@ class SDPAttention(DotProductAttention):
         self, query: Tensor, key: Tensor, value: Tensor, params: PackedSeqParams, dropout: float
     ) -> Tensor:
         """THD layout: ``query`` [t, 1, np, hn] (or [t, np, hn]); one causal block per sequence.
-        On CUDA, PyTorch's variable-length flash attention runs all sequences in one kernel."""
+        Where PyTorch's variable-length flash attention takes the inputs, all sequences run in one
+        kernel (every token must then belong to a sequence of ``cu_seqlens``)."""
         squeeze = query.dim() == 3
-        if query.is_cuda and _varlen_attn is not None and dropout == 0.0:
+        varlen = compat.VARLEN_ATTENTION
+        if varlen is not None and varlen.supports(query, dropout):
             q, k, v = (t if squeeze else t.squeeze(1) for t in (query, key, value))
-            out = _varlen_attn(
+            out = varlen(
                 q,
                 k,
                 v,
@@ -89,8 +90,6 @@ class SDPAttention(DotProductAttention):
                 int(params.max_seqlen_q),
                 int(params.max_seqlen_kv),
                 scale=self.softmax_scale,
-                window_size=(-1, 0),  # causal
-                enable_gqa=q.shape[1] != k.shape[1],
             )
             out = out.reshape(out.shape[0], self.hidden_size_per_partition)
             return out if squeeze else out.unsqueeze(1)

@@ -239,9 +239,9 @@ def build_gpt_model(
     process from this rank's pipeline stage, vocab-parallel logits ([s, b, V/TP] -> GPTModel
     returns [b, s, V/TP]). ``config_options`` go to :func:`transformer_config_from_hf`.
     """
-    from megatron_opd.platform import cpu_compat
+    from megatron_opd.platform import compat
 
-    cpu_compat.activate()
+    compat.activate()
     config = transformer_config_from_hf(hf_config, **config_options)
     tp = config.tensor_model_parallel_size
     if hf_config.vocab_size % tp:

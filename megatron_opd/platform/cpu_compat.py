@@ -1,7 +1,7 @@
 """Let megatron-core run on a machine without CUDA.
 
 megatron-core hard-codes CUDA in places that have a CPU meaning (see
-``shared/notes/megatron-core-on-cpu.md``). :func:`activate` redirects each of them, once per
+``docs/gpu.md``). :func:`activate` redirects each of them, once per
 process, and only when ``torch.cuda.is_available()`` is False; on a GPU it does nothing. Every
 redirection is listed here and tested in ``tests/unit/test_cpu_compat.py`` so a megatron-core
 upgrade that changes them is caught:
@@ -14,12 +14,14 @@ upgrade that changes them is caught:
    ``_get_cuda_rng_state``/``_set_cuda_rng_state``): mapped to the CPU default generator.
 3. ``torch.cuda.current_device``/``device_count``/``synchronize``/``Stream``/memory queries:
    CPU answers (device 0, one device, no-op, a dummy stream, zero bytes).
-4. ``megatron.core.transformer.moe.moe_utils.te_general_gemm``: bound to ``None`` when
-   Transformer Engine is absent (it is referenced unconditionally in the router).
-5. ``Tensor.type()`` (no arguments) answers ``torch.cuda.FloatTensor`` style names for CPU
+4. ``Tensor.type()`` (no arguments) answers ``torch.cuda.FloatTensor`` style names for CPU
    tensors: megatron's (distributed) optimizer dispatches on those strings.
-6. The MoE ``alltoall`` dispatcher creates a CUDA stream: configs choose ``allgather`` on CPU
+5. The MoE ``alltoall`` dispatcher creates a CUDA stream: configs choose ``allgather`` on CPU
    (done in :mod:`megatron_opd.models.qwen3`), not patched here.
+
+What differs between dependency versions on every device (megatron's ``te_general_gemm`` without
+Transformer Engine, torch's ``varlen_attn`` signatures) is bridged in
+:mod:`megatron_opd.platform.compat`, whose ``activate`` also switches this layer on.
 """
 
 from __future__ import annotations
@@ -144,10 +146,6 @@ def _patch_megatron() -> None:
         torch.get_rng_state().clone() if clone else torch.get_rng_state()
     )
     mc_random._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state)
-    from megatron.core.transformer.moe import moe_utils
-
-    if not hasattr(moe_utils, "te_general_gemm"):
-        moe_utils.te_general_gemm = None
 
 
 def activate() -> bool:

@@ -86,17 +86,17 @@ def default_backend() -> str:
 def init_distributed(env: DistEnv | None = None, *, backend: str | None = None, timeout_s: float = 1800.0) -> DistEnv:
     """Initialize the default process group for this worker group's world.
 
-    Sets the CUDA device from ``local_rank`` on GPU and switches the CPU compatibility layer on
-    without CUDA. ``timeout_s`` bounds every collective, so a dead peer ends the run with an
-    error instead of a hang.
+    Sets the CUDA device from ``local_rank`` on GPU and applies the compatibility layer
+    (:func:`megatron_opd.platform.compat.activate`: version differences on every device, the CPU
+    redirections without CUDA). ``timeout_s`` bounds every collective, so a dead peer ends the run
+    with an error instead of a hang.
     """
-    from megatron_opd.platform import cpu_compat
+    from megatron_opd.platform import compat
 
     env = env or detect_env()
     if torch.cuda.is_available():
         torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
-    else:
-        cpu_compat.activate()
+    compat.activate()
     if not dist.is_initialized():
         port = env.master_port or free_port()
         dist.init_process_group(

@@ -95,12 +95,6 @@ def test_streams_and_memory_queries_answer() -> None:
     assert torch.cuda.max_memory_allocated() == 0
 
 
-def test_te_general_gemm_bound_without_transformer_engine() -> None:
-    from megatron.core.transformer.moe import moe_utils
-
-    assert hasattr(moe_utils, "te_general_gemm")
-
-
 def test_default_device_context_applies_to_patched_factories() -> None:
     # In a fresh process, so the torch's cache of default-device factories is first built after
     # activate() (as in a spawned rank building a meta-device model).

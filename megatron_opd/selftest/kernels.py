@@ -1,0 +1,170 @@
+"""The vocabulary-sized kernels against float64 torch on this device: token log-probs with entropy and
+log-probs at K ids (values and gradients), the global top-k, the fused LM head and the top-K
+divergences. On CUDA these are the compiled Triton kernels at Qwen3 vocabularies (151,936 and
+37,984); on CPU the chunked torch path at small shapes.
+
+Tolerances (absolute, in nats unless said): values 1e-4 (the kernels accumulate in fp32);
+gradients w.r.t. logits 1e-5 + 1e-4 of the largest reference gradient in fp32, 2% of it in bf16; the fused LM head's log-probs 2e-2 in bf16 (the matmul rounds), its gradients
+2% in relative norm; divergences 1e-5.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from megatron_opd.kernels import linear_token_logprobs, support_divergence, token_logprobs, topk_logprobs
+from megatron_opd.kernels.reference import (
+    support_divergence_reference,
+    token_logprobs_reference,
+    topk_logprobs_reference,
+)
+
+VALUE_TOL = 1e-4
+DIVERGENCE_TOL = 1e-5
+LINEAR_VALUE_TOL_BF16 = 2e-2
+LINEAR_GRAD_REL_TOL = 2e-2
+
+
+@dataclasses.dataclass(frozen=True)
+class LogprobCase:
+    n: int
+    v: int
+    k: int
+    temperature: float
+
+
+GPU_CASES = (LogprobCase(1000, 151936, 32, 1.0), LogprobCase(777, 37984, 64, 0.7), LogprobCase(64, 151936, 1, 1.3))
+CPU_CASES = (LogprobCase(64, 4096, 32, 1.0), LogprobCase(33, 1000, 64, 0.7), LogprobCase(8, 4096, 1, 1.3))
+
+
+def _logits(case: LogprobCase, dtype: torch.dtype, device: torch.device, seed: int) -> torch.Tensor:
+    g = torch.Generator(device=device).manual_seed(seed)
+    return (torch.randn(case.n, case.v, generator=g, device=device) * 3).to(dtype)
+
+
+def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).abs().max()) if a.numel() else 0.0
+
+
+def logprob_check(case: LogprobCase, dtype: torch.dtype, device: torch.device) -> Callable[[], tuple[str, dict]]:
+    def check() -> tuple[str, dict[str, Any]]:
+        logits = _logits(case, dtype, device, seed=case.n).requires_grad_()
+        g = torch.Generator(device=device).manual_seed(1)
+        labels = torch.randint(0, case.v, (case.n,), generator=g, device=device)
+        labels[1] = -100  # an ignored row
+        ids = torch.randint(0, case.v, (case.n, case.k), generator=g, device=device)
+        w = [
+            torch.randn(shape, generator=g, device=device, dtype=torch.float64)
+            for shape in ((case.n,), (case.n,), ids.shape)
+        ]
+        out = token_logprobs(logits, labels, ids, temperature=case.temperature)
+        ref_in = logits.detach().double().requires_grad_()
+        ref = token_logprobs_reference(ref_in, labels, ids, temperature=case.temperature)
+        errs = {
+            name: _max_err(getattr(out, name), getattr(ref, name))
+            for name in ("label_logprob", "entropy", "ids_logprob")
+        }
+        for name, err in errs.items():
+            assert err <= VALUE_TOL, f"{name} log-prob error {err:.2e} > {VALUE_TOL}"
+        loss = sum((o.double() * wi).sum() for o, wi in zip(out, w))
+        (grad,) = torch.autograd.grad(loss, logits)
+        (ref_grad,) = torch.autograd.grad(sum((o * wi).sum() for o, wi in zip(ref, w)), ref_in)
+        grad_err, ref_max = _max_err(grad, ref_grad), float(ref_grad.abs().max())
+        tol = 1e-5 + 1e-4 * ref_max if dtype == torch.float32 else 2e-2 * ref_max
+        assert grad_err <= tol, f"gradient error {grad_err:.2e} > {tol:.2e} (largest reference gradient {ref_max:.2e})"
+        detail = (
+            f"max err label {errs['label_logprob']:.1e} entropy {errs['entropy']:.1e} "
+            f"ids {errs['ids_logprob']:.1e} grad {grad_err:.1e}"
+        )
+        return detail, {**errs, "grad_max_abs_err": grad_err, "grad_ref_max": ref_max}
+
+    return check
+
+
+def topk_check(case: LogprobCase, dtype: torch.dtype, device: torch.device) -> Callable[[], tuple[str, dict]]:
+    def check() -> tuple[str, dict[str, Any]]:
+        logits = _logits(case, dtype, device, seed=case.n + 1)
+        ids, values = topk_logprobs(logits, case.k, temperature=case.temperature)
+        ref_ids, ref_values = topk_logprobs_reference(logits, case.k, temperature=case.temperature)
+        full = torch.log_softmax(logits.double() / case.temperature, dim=-1)
+        val_err = _max_err(values, ref_values)
+        id_err = _max_err(full.gather(1, ids), values)  # ties may pick other ids of the same log-prob
+        assert val_err <= VALUE_TOL, f"top-k log-prob error {val_err:.2e} > {VALUE_TOL}"
+        assert id_err <= VALUE_TOL, f"the returned ids' log-probs differ from the returned values by {id_err:.2e}"
+        assert bool((values[:, 1:] <= values[:, :-1]).all()), "top-k values are not sorted descending"
+        match = float((ids == ref_ids).float().mean())
+        return f"max err values {val_err:.1e} ids {id_err:.1e}, exact id match {match:.3f}", {
+            "val_err": val_err,
+            "id_val_err": id_err,
+            "exact_id_match": match,
+        }
+
+    return check
+
+
+def linear_check(device: torch.device) -> Callable[[], tuple[str, dict]]:
+    n, v, h = (1024, 151936, 2048) if device.type == "cuda" else (64, 4096, 64)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+
+    def check() -> tuple[str, dict[str, Any]]:
+        g = torch.Generator(device=device).manual_seed(2)
+        hidden = (torch.randn(n, h, generator=g, device=device) / 4).to(dtype).requires_grad_()
+        weight = (torch.randn(v, h, generator=g, device=device) / 8).to(dtype).requires_grad_()
+        labels = torch.randint(0, v, (n,), generator=g, device=device)
+        out = linear_token_logprobs(hidden, weight, labels)
+        ref_h, ref_w = (t.detach().double().requires_grad_() for t in (hidden, weight))
+        ref = token_logprobs_reference(ref_h @ ref_w.T, labels)
+        val_err = max(_max_err(out.label_logprob, ref.label_logprob), _max_err(out.entropy, ref.entropy))
+        tol = LINEAR_VALUE_TOL_BF16 if dtype == torch.bfloat16 else VALUE_TOL
+        assert val_err <= tol, f"log-prob/entropy error {val_err:.2e} > {tol}"
+        gh, gw = torch.autograd.grad((out.label_logprob.double() + out.entropy.double()).sum(), (hidden, weight))
+        rh, rw = torch.autograd.grad((ref.label_logprob + ref.entropy).sum(), (ref_h, ref_w))
+        rel = [float((a.double() - b).norm() / b.norm()) for a, b in ((gh, rh), (gw, rw))]
+        assert max(rel) <= LINEAR_GRAD_REL_TOL, f"gradient relative error {max(rel):.2e} > {LINEAR_GRAD_REL_TOL}"
+        return f"n={n} V={v} h={h} {str(dtype)[6:]}: err {val_err:.1e}, grad rel {rel[0]:.1e} / {rel[1]:.1e}", {
+            "val_err": val_err,
+            "rel_grad_h": rel[0],
+            "rel_grad_w": rel[1],
+        }
+
+    return check
+
+
+def divergence_check(device: torch.device) -> Callable[[], tuple[str, dict]]:
+    n, k = (4096, 32) if device.type == "cuda" else (256, 32)
+
+    def check() -> tuple[str, dict[str, Any]]:
+        g = torch.Generator(device=device).manual_seed(3)
+        student = torch.log_softmax(torch.randn(n, 2 * k, generator=g, device=device), -1)[:, :k]
+        teacher = torch.log_softmax(torch.randn(n, 2 * k, generator=g, device=device), -1)[:, :k]
+        errs = {}
+        for beta in (0.0, 0.5, 1.0):
+            for renorm, tail in ((True, False), (False, True)):
+                got = support_divergence(student, teacher, beta, renormalize=renorm, tail_bucket=tail)
+                want = support_divergence_reference(student, teacher, beta, renormalize=renorm, tail_bucket=tail)
+                errs[f"beta={beta} {'renormalized' if renorm else 'tail'}"] = _max_err(got, want)
+        worst = max(errs.values())
+        assert worst <= DIVERGENCE_TOL, f"divergence error {worst:.2e} > {DIVERGENCE_TOL}: {errs}"
+        return f"n={n} K={k}, beta 0/0.5/1, renormalized and tail bucket: max err {worst:.1e}", {"max_err": worst}
+
+    return check
+
+
+def checks(device: torch.device) -> dict[str, Callable[[], tuple[str, dict]]]:
+    cases = GPU_CASES if device.type == "cuda" else CPU_CASES
+    out: dict[str, Callable[[], tuple[str, dict]]] = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        name = str(dtype)[6:]
+        for c in cases:
+            tag = f"n={c.n} V={c.v} K={c.k} T={c.temperature} {name}"
+            out[f"kernels/token_logprobs {tag}"] = logprob_check(c, dtype, device)
+            out[f"kernels/topk {tag}"] = topk_check(c, dtype, device)
+    big = LogprobCase(2048, 151936, 64, 1.0) if device.type == "cuda" else LogprobCase(128, 4096, 64, 1.0)
+    out[f"kernels/topk n={big.n} V={big.v} K={big.k} bfloat16"] = topk_check(big, torch.bfloat16, device)
+    out["kernels/fused LM head"] = linear_check(device)
+    out["kernels/support divergence"] = divergence_check(device)
+    return out

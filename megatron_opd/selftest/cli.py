@@ -3,7 +3,8 @@
 Reports versions and capabilities, then runs each check (PASS / FAIL / SKIP with the reason): the
 supported torch range, the device, the vocabulary kernels against float64, tiny Qwen3 and
 Qwen3-MoE Megatron models (logits equal ``transformers``, packed sequences equal unpacked,
-forward + backward in the training dtype), and the trainer -> rollout weight broadcast. Exit code 0
+forward + backward in the training dtype), a student's GPU memory offloaded and restored between
+steps, and the trainer -> rollout weight broadcast. Exit code 0
 only when nothing failed. About 2 minutes on one GPU; see ``docs/gpu.md``.
 """
 
@@ -12,7 +13,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 
 from megatron_opd.selftest.report import Outcome, run_check, table, write_json
 
@@ -41,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         init_model_parallel,
         shutdown,
     )
-    from megatron_opd.selftest import environment, kernels, models, weight_sync
+    from megatron_opd.selftest import environment, kernels, models, offload, weight_sync
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cpu":
@@ -67,7 +70,9 @@ def main(argv: list[str] | None = None) -> int:
         init_distributed(DistEnv(0, 1, 0, "127.0.0.1", free_port(), "single"), timeout_s=300)
         init_model_parallel(ParallelSizes())
         checks.update(kernels.checks(device))
-        checks.update(models.checks(device))
+        tiny = models.TinyModels(device, Path(tempfile.mkdtemp(prefix="opd_selftest_")))
+        checks.update(models.checks(tiny))
+        checks.update(offload.checks(lambda: tiny.hf_dir("dense"), device))
         checks["weight sync/round trip"] = weight_sync.round_trip(device)
     try:
         for name, check in checks.items():

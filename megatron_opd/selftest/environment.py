@@ -40,6 +40,12 @@ def torch_release(version: str) -> tuple[int, int]:
     return int(major), int(minor)
 
 
+def nccl_version() -> str:
+    """``2.21.5``: torch answers a tuple (an int encoding it in old releases)."""
+    version = torch.cuda.nccl.version()
+    return ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
+
+
 def gather(device: torch.device) -> dict[str, Any]:
     """Versions and capabilities, as reported in the table's first rows and the JSON record."""
     from megatron_opd.platform import compat
@@ -57,7 +63,7 @@ def gather(device: torch.device) -> dict[str, Any]:
         env.update(
             cuda=torch.version.cuda,
             cudnn=torch.backends.cudnn.version(),
-            nccl=".".join(map(str, torch.cuda.nccl.version())),
+            nccl=nccl_version(),
             gpus=torch.cuda.device_count(),
             gpu=torch.cuda.get_device_name(0),
             gpu_memory_gib=round(props.total_memory / 2**30, 1),

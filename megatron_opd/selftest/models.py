@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -181,10 +180,10 @@ def packed_train_step(models: TinyModels, kind: str, spec: str, dtype: torch.dty
     return check
 
 
-def checks(device: torch.device, root: Path | None = None) -> dict[str, Callable[[], tuple[str, dict]]]:
+def checks(models: TinyModels) -> dict[str, Callable[[], tuple[str, dict]]]:
     from megatron_opd.models.qwen3 import has_transformer_engine
 
-    models = TinyModels(device, root or Path(tempfile.mkdtemp(prefix="opd_selftest_")))
+    device = models.device
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     specs = ["local", "te"] if device.type == "cuda" and has_transformer_engine() else ["local"]
     out: dict[str, Callable[[], tuple[str, dict]]] = {}

@@ -279,12 +279,18 @@ def test_health_probes_wait_for_sglangs_health_check(dense_dir: Path) -> None:
     """SGLang's ``/health`` generates a token and may take up to its 20 s timeout (a weight update
     holds the engine): a 5 s probe would mark a healthy server down."""
     with serving(dense_dir) as srv:
-        srv.state._work.acquire()  # busy for 7 s
-        timer = threading.Timer(7.0, srv.state._work.release)
+        srv.state._work.acquire()  # busy for 8 s
+        timer = threading.Timer(8.0, srv.state._work.release)
         timer.start()
+        short: list[bool] = []
+        impatient = threading.Thread(target=lambda: short.append(healthy(srv.url, 5.0)))
+        impatient.start()
         try:
-            assert not healthy(srv.url, 5.0)
+            start = time.monotonic()
             engine = SGLangEngine(config([srv.url]), str(dense_dir))  # probes wait rollout.sglang.health_timeout_s
+            assert time.monotonic() - start >= 7.0
             assert engine.servers[0].up and engine.failures == [] and engine.health()
         finally:
             timer.join()
+            impatient.join()
+        assert short == [False]

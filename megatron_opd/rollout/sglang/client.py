@@ -223,7 +223,7 @@ class SGLangEngine:
         try:
             self._check_settings(server.url)
         except (RetryableError, RequestError, protocol.ProtocolError, requests.RequestException) as e:
-            self._mark_down(server, f"start-up check: {e}", 0)
+            self._mark_down(server, f"{e} (start-up check)", 0)
 
     def _check_settings(self, url: str) -> None:
         timeout = self.cfg.request_timeout_s

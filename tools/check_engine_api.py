@@ -4,11 +4,11 @@
     python tools/check_engine_api.py --download DIR     # pip download the pinned wheels, then check them
 
 SOURCE is a wheel (``sglang-*.whl``, ``vllm-*.whl``), an unpacked wheel or site-packages directory
-holding ``sglang/`` or ``vllm/``, or the package directory itself (``--download`` reuses pinned
-wheels already in DIR). Nothing is imported from the
-packages (their imports need CUDA): the script parses their source with ``ast`` and reports each
-request field, server flag, endpoint, signature and source-level behaviour the project relies on
-that moved, with the file and the project code that depends on it. The names the project sends are
+holding ``sglang/`` or ``vllm/``, or the package directory itself; ``--download`` reuses pinned
+wheels already in DIR. Nothing is imported from the packages (their imports need CUDA): the script
+parses their source with ``ast`` and reports each request field, server flag, endpoint, signature
+and source-level behaviour the project relies on that moved, with the file and the project code
+that depends on it. The names the project sends are
 taken from the project's own code (request bodies, launch commands, ``vllm.LLM`` arguments), so a
 change on either side shows. Exit status: 0 all present, 1 something moved, 2 bad input, 3 the
 download failed (no access to the package index).
@@ -26,6 +26,10 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 PINNED = {"sglang": "0.5.23", "vllm": "0.34.0"}  # the versions docs/rollout.md was checked against
+
+
+class SourceError(ValueError):
+    """A SOURCE that is neither a wheel nor a directory holding sglang/ or vllm/."""
 
 
 class SourceTree:
@@ -69,13 +73,13 @@ def open_sources(paths: Iterable[Path]) -> list[SourceTree]:
             trees.append(SourceTree(name, path.parent, zipfile.ZipFile(path)))
             continue
         if not path.is_dir():
-            raise SystemExit(f"check_engine_api: {path} is neither a wheel nor a directory")
+            raise SourceError(f"check_engine_api: {path} is neither a wheel nor a directory")
         if path.name in PINNED and (path / "__init__.py").is_file():  # the package directory itself
             trees.append(SourceTree(path.name, path.parent))
             continue
         found = [SourceTree(n, path) for n in PINNED if (path / n / "__init__.py").is_file()]
         if not found:
-            raise SystemExit(f"check_engine_api: no sglang/ or vllm/ package in {path}")
+            raise SourceError(f"check_engine_api: no sglang/ or vllm/ package in {path}")
         trees += found
     return trees
 
@@ -287,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give wheels or package directories, or --download DIR")
     try:
         trees = open_sources(sources)
-    except SystemExit as e:
+    except SourceError as e:
         print(e, file=sys.stderr)
         return 2
     problems = [line for tree in trees for line in check(tree)]

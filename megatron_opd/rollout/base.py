@@ -4,9 +4,12 @@ Semantics shared by every engine (they are SGLang's):
 
 - ``temperature == 0`` is greedy decoding; the returned log-probs are then those of the plain
   softmax (temperature 1).
-- ``Completion.logprobs[i]`` is ``log_softmax(logits / temperature)[token_ids[i]]``, computed
-  BEFORE top-k / top-p truncation: the log-prob SGLang's ``/generate`` returns as
-  ``output_token_logprobs`` (it is not the log-prob under the renormalized nucleus).
+- ``Completion.logprobs[i]`` is ``log_softmax(logits / temperature)[token_ids[i]]`` over the whole
+  vocabulary, BEFORE top-k / top-p truncation: the trainer's ``ℓ_old`` and the teachers' scores are
+  computed the same way (at the rollout temperature, untruncated), so token-level rollout
+  correction compares like with like. SGLang's ``/generate`` returns exactly this as
+  ``output_token_logprobs``; the vLLM engine picks the ``logprobs_mode`` that yields it and reports
+  NaN for a call where vLLM cannot (``vllm_engine.exact_logprobs``).
 - The completion includes the stop token (EOS or a stop id) that ended it.
 - Seeds: row ``i`` of a ``generate`` call samples with seed ``sampling.seed + i``; with
   ``seed=None`` each engine draws per-row seeds from its own generator (seeded at construction).
@@ -26,7 +29,8 @@ if TYPE_CHECKING:
     from megatron_opd.rollout.config import RolloutConfig
 
 FINISH_REASONS = ("stop", "length", "abort")
-MEMORY_TAGS = ("weights", "kv_cache")  # SGLang's memory regions (release / resume)
+# SGLang's releasable GPU memory regions (srt/constants.py GPU_MEMORY_ALL_TYPES); tags=None means all of them
+MEMORY_TAGS = ("kv_cache", "weights", "cuda_graph")
 MAX_SEED = 2**62  # seeds stay well inside int64 after adding a row index
 
 
@@ -118,7 +122,8 @@ class RolloutEngine(Protocol):
         ...
 
     def resume_memory(self, tags: tuple[str, ...] | None = None) -> None:
-        """Take back the memory of ``tags`` (:data:`MEMORY_TAGS`; ``None``: all that was released)."""
+        """Take back the memory of ``tags`` (:data:`MEMORY_TAGS`; ``None``: all that is still
+        released). A region that is not released is left alone (SGLang would crash on resuming it)."""
         ...
 
     def server_stats(self) -> dict[str, float]:

@@ -20,6 +20,10 @@ class SGLangConfig:
     base_port: int = 30000  # first HTTP port tried; taken ports are skipped
     base_gpu_id: int = 0
     extra_args: list[str] = dataclasses.field(default_factory=list)  # appended to sglang.launch_server
+    # SGLang honours the per-row sampling_seed only with --enable-deterministic-inference (batch-invariant
+    # kernels, slower): launched servers get the flag, attached ones must report it in /server_info.
+    deterministic_inference: bool = False
+    health_timeout_s: float = 30.0  # GET /health runs a one-token generate; SGLang gives it up to 20 s
     log_dir: str | None = None  # server logs (default: a temporary directory, printed at launch)
     startup_timeout_s: float = 900.0  # launch and each restart
     max_restarts: int = 2  # launched servers: restarts per server after a crash or hang before it is dropped
@@ -39,6 +43,7 @@ class VLLMConfig:
     gpu_memory_utilization: float = 0.6
     max_model_len: int | None = None
     enforce_eager: bool = False
+    weight_sync_dir: str | None = None  # where weight updates are written for LLM reload_weights (temp dir)
 
 
 @dataclasses.dataclass
@@ -57,7 +62,7 @@ class RolloutConfig:
     request_timeout_s: float = 600.0  # sglang: one HTTP request, connect to last byte
     max_retries: int = 3  # sglang: re-sends of a failed request (to another server when one is up)
     retry_backoff_s: float = 1.0  # sglang: first wait before a re-send, doubled each time
-    weight_sync_bucket_mb: int = 1024  # sglang distributed / vllm: tensors sent per call
+    weight_sync_bucket_mb: int = 1024  # sglang distributed: tensors sent per call
     # Colocated runs: free the engine's GPU memory (weights, KV cache) between rollouts; the trainer
     # re-sends the weights before the next one. sglang: launched with --enable-memory-saver.
     offload_when_idle: bool = False
@@ -103,4 +108,29 @@ class RolloutConfig:
         bad = [u for u in s.urls if not u.startswith(("http://", "https://"))]
         if bad:
             raise ConfigError("rollout.sglang.urls", bad, "URLs need a scheme.", "write them as http://host:port.")
+        check_positive("rollout.sglang.health_timeout_s", s.health_timeout_s)
         check_positive("rollout.vllm.tensor_parallel_size", self.vllm.tensor_parallel_size)
+        self._check_logprob_convention()
+
+    def _check_logprob_convention(self) -> None:
+        """Rollout log-probs must be ``log_softmax(logits / T)`` before truncation (base.py), the
+        trainer's convention; refuse the samplings for which the engine cannot report them."""
+        tempered = self.temperature not in (0.0, 1.0)
+        if self.engine == "sglang" and self.top_k == 1 and tempered:
+            raise ConfigError(
+                "rollout.top_k",
+                self.top_k,
+                f"SGLang treats top_k=1 as greedy and then reports temperature-1 log-probs, not those at "
+                f"rollout.temperature={self.temperature} that the trainer compares them with.",
+                "use rollout.temperature=0 for greedy rollouts, or top_k >= 2.",
+            )
+        truncated = self.top_p < 1.0 or self.top_k != -1
+        if self.engine == "vllm" and truncated and tempered:
+            raise ConfigError(
+                "rollout.engine",
+                self.engine,
+                f"vLLM reports log-probs either at temperature 1 (raw_logprobs) or after top-k/top-p "
+                f"(processed_logprobs), never log_softmax(logits / {self.temperature}) over the whole vocabulary "
+                "that the trainer compares them with, when top_p < 1 or top_k is set.",
+                "set rollout.top_p=1 and rollout.top_k=-1, or rollout.temperature=1, or use rollout.engine=sglang.",
+            )

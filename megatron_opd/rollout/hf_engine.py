@@ -115,8 +115,10 @@ class HFEngine:
         rows = [RowRequest(list(p), sampling, s) for p, s in zip(prompts, seeds)]
         return [out.completion for out in self.generate_rows(rows)]
 
-    def generate_rows(self, rows: list[RowRequest]) -> list[RowOutput]:
-        """Generate every row (each with its own parameters and seed); outputs in input order."""
+    def generate_rows(self, rows: list[RowRequest], *, original_logprobs: bool = False) -> list[RowOutput]:
+        """Generate every row (each with its own parameters and seed); outputs in input order.
+        ``original_logprobs``: report temperature-1 log-probs (``opd serve`` under SGLang's
+        ``SGLANG_RETURN_ORIGINAL_LOGPROB``; never what the trainer needs)."""
         for i, r in enumerate(rows):
             self._check_prompt(i, r.prompt_ids)
         order = sorted(range(len(rows)), key=lambda i: len(rows[i].prompt_ids))
@@ -124,7 +126,7 @@ class HFEngine:
         with self._lock, torch.inference_mode():
             for start in range(0, len(order), self.batch_size):
                 chunk = order[start : start + self.batch_size]
-                for i, out in zip(chunk, self._generate_batch([rows[i] for i in chunk])):
+                for i, out in zip(chunk, self._generate_batch([rows[i] for i in chunk], original_logprobs)):
                     outputs[i] = out
         return outputs  # type: ignore[return-value]
 
@@ -140,7 +142,7 @@ class HFEngine:
                 "shorten it (data.max_prompt_length)."
             )
 
-    def _generate_batch(self, rows: list[RowRequest]) -> list[RowOutput]:
+    def _generate_batch(self, rows: list[RowRequest], original_logprobs: bool) -> list[RowOutput]:
         from transformers import DynamicCache
 
         dev, n = self.device, len(rows)
@@ -171,7 +173,9 @@ class HFEngine:
         finish: list[str | None] = ["length" if b <= 0 else None for b in budget]
         matched: list[int | None] = [None] * n
         for _ in range(max(budget)):
-            next_ids, next_lp = sample_next(logits, temperature, top_k, top_p, generators)
+            next_ids, next_lp = sample_next(
+                logits, temperature, top_k, top_p, generators, original_logprobs=original_logprobs
+            )
             for i, (t, lp) in enumerate(zip(next_ids.tolist(), next_lp.tolist())):
                 if finish[i] is not None:
                     continue

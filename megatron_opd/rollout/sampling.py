@@ -4,7 +4,9 @@ Order of operations (SGLang's sampler): logits / temperature -> softmax -> keep 
 -> keep the smallest prefix of the sorted distribution whose mass reaches top-p (a token is kept
 when the mass before it is <= top_p) -> sample from the renormalized remainder. The log-prob
 returned for the sampled token is ``log_softmax(logits / temperature)`` before the truncation, as
-SGLang returns it. Temperature 0 is greedy (argmax) with the temperature-1 log-prob.
+SGLang returns it. Temperature 0 is greedy (argmax) with the temperature-1 log-prob. With
+``original_logprobs`` (SGLang's ``SGLANG_RETURN_ORIGINAL_LOGPROB``) every row reports the
+temperature-1 log-prob ``log_softmax(logits)`` instead (sampling is unchanged).
 
 Each row draws from its own ``torch.Generator`` so a row's samples do not depend on the batch.
 """
@@ -35,6 +37,8 @@ def sample_next(
     top_k: torch.Tensor,
     top_p: torch.Tensor,
     generators: list[torch.Generator],
+    *,
+    original_logprobs: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample one token per row of ``logits`` [B, V]; returns (token ids [B], their log-probs [B])."""
     logits = logits.float()
@@ -42,6 +46,8 @@ def sample_next(
     scale = torch.where(greedy, torch.ones_like(temperature), temperature).float()
     logprobs = torch.log_softmax(logits / scale[:, None], dim=-1)
     probs = logprobs.exp()
+    if original_logprobs:
+        logprobs = torch.log_softmax(logits, dim=-1)
     if bool(((top_k >= 1) | (top_p < 1.0)).any()):
         probs = truncate_probs(probs, top_k, top_p)
     tokens = logits.argmax(dim=-1)

@@ -109,6 +109,7 @@ def servers(assets: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     threading.Thread(target=stuck.serve_forever, daemon=True).start()
     port, gone = find_free_ports("127.0.0.1", 20000, 2)
     cmd = [sys.executable, "-m", "megatron_opd", "serve", "--model", str(assets / "student"), "--batch-size", "4"]
+    cmd.append("--enable-deterministic-inference")  # honour the row seeds, as SGLang does only with it
     procs = ServerProcesses(
         [ServerCommand(f"http://127.0.0.1:{port}", [*cmd, "--port", str(port)], {"OMP_NUM_THREADS": "1"}, "live")],
         tmp_path_factory.mktemp("server_logs"),

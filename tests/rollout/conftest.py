@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from megatron_opd.models.tiny import save_tiny_model, tiny_config
+from megatron_opd.rollout.hf_engine import HFEngine
+from megatron_opd.rollout.server import OPDServer, ServerFlags, ServerState
 from megatron_opd.rollout.sglang.launcher import ServerCommand, find_free_ports
 
 INIT_STD = 0.3  # HF's 0.02 gives near-uniform next-token distributions
@@ -28,11 +33,32 @@ def dense_dir_b(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def serve_commands(model_dir: Path, count: int, name: str = "opd") -> list[ServerCommand]:
-    """``opd serve`` command lines on free ports."""
+def serve_commands(
+    model_dir: Path, count: int, name: str = "opd", *, deterministic: bool = True, env: dict[str, str] | None = None
+) -> list[ServerCommand]:
+    """``opd serve`` command lines on free ports (``deterministic``: honouring the row seeds, as
+    SGLang does with ``--enable-deterministic-inference``)."""
     ports = find_free_ports("127.0.0.1", 0, count)
     base = [sys.executable, "-m", "megatron_opd.cli", "serve", "--model-path", str(model_dir), "--batch-size", "4"]
+    if deterministic:
+        base.append("--enable-deterministic-inference")
+    environ = {"OMP_NUM_THREADS": "1", **(env or {})}
     return [
-        ServerCommand(f"http://127.0.0.1:{p}", [*base, "--port", str(p)], {"OMP_NUM_THREADS": "1"}, f"{name}{i}")
+        ServerCommand(f"http://127.0.0.1:{p}", [*base, "--port", str(p)], environ, f"{name}{i}")
         for i, p in enumerate(ports)
     ]
+
+
+@contextlib.contextmanager
+def serving(model_dir: Path, flags: ServerFlags | None = None) -> Iterator[OPDServer]:
+    """``opd serve`` in this process on a free port (stopped on exit, also after a crash)."""
+    engine = HFEngine(model_dir, batch_size=4, seed=0)
+    srv = OPDServer(("127.0.0.1", 0), ServerState(engine, str(model_dir), 0, flags))
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield srv
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        thread.join(timeout=10)

@@ -44,6 +44,13 @@ def test_sglang_commands() -> None:
         c.command[-1] == "--enable-memory-saver" for c in sglang_server_commands(cfg, "/m", seed=5, memory_saver=True)
     )
     assert all("--enable-memory-saver" not in c.command for c in sglang_server_commands(cfg, "/m", seed=5))
+    # log-probs at the sampling temperature (sampler.py reads SGLANG_RETURN_ORIGINAL_LOGPROB), seeds only if asked
+    assert all(c.env == {"SGLANG_RETURN_ORIGINAL_LOGPROB": "false"} for c in cmds)
+    assert all("--enable-deterministic-inference" not in c.command for c in cmds)
+    cfg.deterministic_inference = True
+    assert all(
+        c.command.count("--enable-deterministic-inference") == 1 for c in sglang_server_commands(cfg, "/m", seed=5)
+    )
     moved = cmds[1].with_model_path("/ckpt/v3")  # a restart on the latest weights: only the model changes
     assert (
         flag(moved.command, "--model-path") == "/ckpt/v3" and flag(cmds[1].command, "--model-path") == "/models/qwen3"

@@ -1,6 +1,7 @@
-"""The ``sglang`` engine against ``opd serve`` subprocesses over real HTTP: batching over two servers,
-a server killed mid-batch, a hanging server, retries running out, weight sync (disk and a gloo
-process group)."""
+"""The ``sglang`` engine against ``opd serve`` over real HTTP: batching over two servers, a server
+killed mid-batch, a hanging server, retries running out, weight sync (disk and a gloo process group
+inside a begin/end session), memory release in a colocated step's order, servers that must honour
+the row seeds, health checks that take SGLang's time."""
 
 from __future__ import annotations
 
@@ -18,9 +19,10 @@ from megatron_opd.rollout import RolloutConfig, build_engine
 from megatron_opd.rollout.base import Completion, RolloutError, SamplingParams
 from megatron_opd.rollout.hf_engine import HFEngine
 from megatron_opd.rollout.offload import OffloadedEngine
-from megatron_opd.rollout.sglang.client import SGLangEngine
+from megatron_opd.rollout.server import ServerFlags
+from megatron_opd.rollout.sglang.client import SGLangEngine, healthy
 from megatron_opd.rollout.sglang.launcher import ServerProcesses, find_free_ports
-from tests.rollout.conftest import serve_commands
+from tests.rollout.conftest import serve_commands, serving
 
 pytestmark = pytest.mark.slow
 PROMPTS = [[i % 100 + 1, (7 * i) % 100 + 2, 3] for i in range(12)]
@@ -208,31 +210,87 @@ def test_weight_update_over_a_process_group(
         assert gone.status_code == 400 and "no weight update group" in gone.text
 
 
-def test_memory_release_and_resume(servers: list[str], dense_dir: Path, dense_dir_b: Path) -> None:
-    """SGLang's ``/release_memory_occupation`` semantics (no CPU backup): released weights come back
-    without their values; ``OffloadedEngine`` re-sends them before generating."""
+def test_memory_release_and_resume(
+    all_servers: ServerProcesses, servers: list[str], dense_dir: Path, dense_dir_b: Path
+) -> None:
+    """A colocated step against SGLang's memory semantics (no CPU backup; released weights come back
+    without their values; resuming a region not released kills the server): release everything,
+    resume ``weights`` for the sync, then exactly the regions still released before generating."""
     engine = SGLangEngine(config(servers), str(dense_dir))
     want, want_b = (HFEngine(d, seed=0).generate(PROMPTS, SP) for d in (dense_dir, dense_dir_b))
     try:
         engine.release_memory()
-        assert all(sv.released == {"weights", "kv_cache"} for sv in engine.servers)
-        with pytest.raises(RolloutError, match=r"HTTP 400.*memory \['kv_cache', 'weights'\] is released"):
+        assert all(sv.released == {"kv_cache", "weights", "cuda_graph"} for sv in engine.servers)
+        with pytest.raises(RolloutError, match=r"HTTP 400.*memory \['cuda_graph', 'kv_cache', 'weights'\] is released"):
             engine.generate(PROMPTS[:2], SP)
         engine.resume_memory(("weights",))
+        assert all(sv.released == {"kv_cache", "cuda_graph"} for sv in engine.servers)
         engine.update_weights(HFCheckpointReader(dense_dir).items())
-        engine.resume_memory()
+        engine.resume_memory()  # null here would resume "weights" again: SGLang's scheduler dies
         assert all(sv.released == set() for sv in engine.servers)
         same(engine.generate(PROMPTS, SP), want)
+        engine.resume_memory()  # nothing released: nothing sent
         engine.release_memory()
         engine.resume_memory()  # no update: the weights are gone (zeros), the samples change
         assert [c.token_ids for c in engine.generate(PROMPTS, SP)] != [c.token_ids for c in want]
 
         offloaded = OffloadedEngine(engine, lambda e: e.update_weights(HFCheckpointReader(dense_dir_b).items()))
-        offloaded.release_memory()
-        same(offloaded.generate(PROMPTS, SP), want_b)  # weights pulled from the source first
+        for _ in range(2):  # the driver's order, twice: rollout, release, sync, rollout
+            offloaded.release_memory()
+            same(offloaded.generate(PROMPTS, SP), want_b)  # weights pulled from the source first
         offloaded.release_memory()
         offloaded.update_weights(HFCheckpointReader(dense_dir).items())  # the trainer's sync
         same(offloaded.generate(PROMPTS, SP), want)
-        assert engine.failures == []
+        assert engine.failures == [] and [p.poll() for p in all_servers.procs[:2]] == [None, None]
     finally:
+        engine.resume_memory()
         _restore(servers, dense_dir)
+
+
+def test_a_crashed_server_exits(dense_dir: Path, tmp_path: Path) -> None:
+    """``opd serve`` exits (code 1) where SGLang's scheduler dies, as the whole SGLang server does."""
+    with ServerProcesses(serve_commands(dense_dir, 1), tmp_path).start(timeout_s=120) as procs:
+        url = procs.urls[0]
+        assert requests.post(url + "/release_memory_occupation", json={"tags": ["kv_cache"]}).status_code == 200
+        r = requests.post(url + "/resume_memory_occupation", json={"tags": ["weights"]})
+        assert r.status_code == 500 and "KeyError: 'weights'" in r.text
+        assert procs.procs[0].wait(timeout=60) == 1
+        assert "the scheduler crashed" in procs.log_tail(0)
+
+
+def test_servers_must_honour_the_seeds_the_config_relies_on(dense_dir: Path) -> None:
+    """SGLang ignores ``sampling_seed`` without ``--enable-deterministic-inference``: with
+    ``rollout.sglang.deterministic_inference`` the engine refuses a server whose /server_info lacks it."""
+    with serving(dense_dir) as plain, serving(dense_dir, ServerFlags(deterministic_inference=True)) as seeded:
+        cfg = config([plain.url])
+        cfg.sglang.deterministic_inference = True
+        with pytest.raises(
+            RolloutError, match=r"does not report enable_deterministic_inference.*--enable-deterministic-inference"
+        ):
+            SGLangEngine(cfg, str(dense_dir))
+        cfg.sglang.urls = [seeded.url]
+        engine = SGLangEngine(cfg, str(dense_dir))
+        same(engine.generate(PROMPTS, SP), HFEngine(dense_dir, seed=0).generate(PROMPTS, SP))
+        cfg.sglang.deterministic_inference, cfg.sglang.urls = False, [plain.url]
+        assert len(SGLangEngine(cfg, str(dense_dir)).generate(PROMPTS, SP)) == len(PROMPTS)  # no seeds relied on
+
+
+def test_health_probes_wait_for_sglangs_health_check(dense_dir: Path) -> None:
+    """SGLang's ``/health`` generates a token and may take up to its 20 s timeout (a weight update
+    holds the engine): a 5 s probe would mark a healthy server down."""
+    with serving(dense_dir) as srv:
+        srv.state._work.acquire()  # busy for 8 s
+        timer = threading.Timer(8.0, srv.state._work.release)
+        timer.start()
+        short: list[bool] = []
+        impatient = threading.Thread(target=lambda: short.append(healthy(srv.url, 5.0)))
+        impatient.start()
+        try:
+            start = time.monotonic()
+            engine = SGLangEngine(config([srv.url]), str(dense_dir))  # probes wait rollout.sglang.health_timeout_s
+            assert time.monotonic() - start >= 7.0
+            assert engine.servers[0].up and engine.failures == [] and engine.health()
+        finally:
+            timer.join()
+            impatient.join()
+        assert short == [False]

@@ -21,9 +21,17 @@ request's fault and raises at once. Nothing waits without a timeout.
   :class:`RolloutError` naming every failed server. ``server_stats()`` counts failures and restarts
   for the step metrics.
 
+Servers. At start every server's ``/server_info`` must show ``enable_deterministic_inference`` when
+``sglang.deterministic_inference`` asks for it (SGLang ignores ``sampling_seed`` otherwise), and
+its log-probs must be those at the request's temperature (:func:`check_logprob_convention`):
+SGLang under ``SGLANG_RETURN_ORIGINAL_LOGPROB`` reports temperature-1 values, which rollout
+correction must not compare with the trainer's. ``GET /health`` generates a token and may take
+SGLang's 20 s: probes wait ``sglang.health_timeout_s``.
+
 Weights. ``update_weights`` writes HF safetensors and calls ``/update_weights_from_disk`` on every
 server (``sglang.weight_sync=disk``), or broadcasts over a process group announced with
-``/init_weights_update_group`` + ``/update_weights_from_distributed`` (``distributed``). An
+``/init_weights_update_group`` + ``/update_weights_from_distributed`` inside a
+``/begin_weight_update`` ... ``/end_weight_update`` session (``distributed``). An
 attached server that misses an update is retired for good (it would serve stale weights). With disk
 sync the latest weights directory is kept while servers are launched here, so a restarted server
 comes up on it; with distributed sync a restarted server holds the base weights, serves nothing
@@ -36,7 +44,6 @@ import collections
 import dataclasses
 import logging
 import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -50,13 +57,16 @@ import torch
 
 from megatron_opd.rollout.base import MEMORY_TAGS, Completion, RolloutError, SamplingParams, row_seeds
 from megatron_opd.rollout.config import RolloutConfig
+from megatron_opd.rollout.disk_sync import new_weights_dir, write_hf_weights
 from megatron_opd.rollout.sglang import protocol
 from megatron_opd.rollout.sglang.launcher import ServerProcesses, check_gpus, find_free_ports, sglang_server_commands
 from megatron_opd.rollout.sglang.weight_sync import DistributedWeightSync
 
 logger = logging.getLogger(__name__)
 
-HEALTH_TIMEOUT_S = 5.0
+PROBE_TEMPERATURE = 0.5  # check_logprob_convention: a temperature whose log-probs differ from T=1's
+PROBE_TOP_P = 1e-9  # keeps only the most probable token, so the probe follows the greedy path
+PROBE_TOKENS = 8
 
 
 class RetryableError(RuntimeError):
@@ -108,11 +118,50 @@ def post_json(url: str, path: str, body: dict[str, Any], timeout_s: float) -> An
         raise RetryableError(f"answer is not JSON: {r.text[:200]!r}") from e
 
 
-def healthy(url: str, timeout_s: float = HEALTH_TIMEOUT_S) -> bool:
+def healthy(url: str, timeout_s: float) -> bool:
+    """``GET /health``: SGLang generates one token and answers within its 20 s health timeout."""
     try:
         return requests.get(url + "/health", timeout=timeout_s).status_code == 200
     except requests.RequestException:
         return False
+
+
+def get_json(url: str, path: str, timeout_s: float) -> Any:
+    """GET ``url + path``; the JSON answer, or ``None`` when the server has no such endpoint."""
+    r = requests.get(url + path, timeout=timeout_s)
+    if r.status_code == 404:
+        return None
+    r.raise_for_status()
+    return r.json()
+
+
+def check_logprob_convention(url: str, timeout_s: float) -> None:
+    """RolloutError when the server reports temperature-1 log-probs for sampled tokens.
+
+    Greedy decoding reports ``log_softmax(z)``; a row at temperature 0.5 whose tiny ``top_p`` keeps
+    only the most probable token follows the same tokens and must report ``log_softmax(2 z)``, which
+    is larger wherever the top token is not certain (ties aside). Equal values at every such
+    position mean ``SGLANG_RETURN_ORIGINAL_LOGPROB`` (sampler.py) is set on the server."""
+    rows = []
+    for sampling in ({"temperature": 0.0}, {"temperature": PROBE_TEMPERATURE, "top_p": PROBE_TOP_P}):
+        body = {
+            "input_ids": [0],
+            "sampling_params": {**sampling, "max_new_tokens": PROBE_TOKENS},
+            "return_logprob": True,
+        }
+        rows.append(protocol.parse_generate_response([post_json(url, "/generate", body, timeout_s)], [[0]])[0])
+    greedy, tempered = rows
+    pairs = [
+        (g, t)
+        for g, t, a, b in zip(greedy.logprobs, tempered.logprobs, greedy.token_ids, tempered.token_ids)
+        if a == b and g < -0.01  # the same token, not (nearly) certain
+    ]
+    if pairs and all(abs(t - g) <= 1e-3 * max(1.0, abs(g)) for g, t in pairs):
+        raise RolloutError(
+            f"{url} reports log-probs at temperature 1 for a row sampled at temperature {PROBE_TEMPERATURE} "
+            f"(greedy {pairs[0][0]:.4f}, tempered {pairs[0][1]:.4f}): rollout correction needs "
+            "log_softmax(logits / T). Fix: unset SGLANG_RETURN_ORIGINAL_LOGPROB on that server."
+        )
 
 
 @dataclasses.dataclass
@@ -142,7 +191,7 @@ class SGLangEngine:
         if self.processes is None and not s.urls:
             check_gpus(s)
             commands = sglang_server_commands(s, self.model_dir, seed=cfg.seed, memory_saver=cfg.offload_when_idle)
-            self.processes = ServerProcesses(commands, s.log_dir).start(s.startup_timeout_s)
+            self.processes = ServerProcesses(commands, s.log_dir, s.health_timeout_s).start(s.startup_timeout_s)
         if self.processes is not None:
             self.servers = [Server(u, process=i) for i, u in enumerate(self.processes.urls)]
         else:
@@ -159,6 +208,34 @@ class SGLangEngine:
         if not any(sv.up for sv in self.servers):
             self.shutdown()
             raise RolloutError(f"no SGLang server answers GET /health: {urls}. Fix: start them or check the URLs.")
+        try:
+            for sv in self.servers:
+                if sv.up:
+                    self._check_server(sv)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _check_server(self, server: Server) -> None:
+        """The server honours the row seeds when the config relies on them, and reports the
+        log-probs rollout correction needs (RolloutError otherwise); one that fails to answer is
+        marked down."""
+        try:
+            self._check_settings(server.url)
+        except (RetryableError, RequestError, protocol.ProtocolError, requests.RequestException) as e:
+            self._mark_down(server, f"{e} (start-up check)", 0)
+
+    def _check_settings(self, url: str) -> None:
+        timeout = self.cfg.request_timeout_s
+        if self.cfg.sglang.deterministic_inference:
+            info = get_json(url, "/server_info", timeout) or get_json(url, "/get_server_info", timeout)
+            if protocol.server_arg(info, "enable_deterministic_inference") is not True:
+                raise RolloutError(
+                    f"{url} does not report enable_deterministic_inference in /server_info, so SGLang ignores "
+                    "the per-row sampling_seed that rollout.sglang.deterministic_inference=true relies on. Fix: "
+                    "start it with --enable-deterministic-inference, or set rollout.sglang.deterministic_inference=false."
+                )
+        check_logprob_convention(url, timeout)
 
     # -- server state -------------------------------------------------------------------------------
     def _usable(self) -> list[Server]:
@@ -233,10 +310,12 @@ class SGLangEngine:
         }
 
     def _probe(self, servers: list[Server]) -> None:
-        """Ask ``servers`` for ``GET /health``; mark them up or (with a recorded failure) down."""
-        timeout = min(HEALTH_TIMEOUT_S, self.cfg.request_timeout_s)
-        for sv in servers:
-            ok = healthy(sv.url, timeout)
+        """Ask ``servers`` for ``GET /health`` (at once); mark them up or (with a recorded failure) down."""
+        if not servers:
+            return
+        with ThreadPoolExecutor(len(servers)) as pool:
+            answers = list(pool.map(lambda sv: healthy(sv.url, self.cfg.sglang.health_timeout_s), servers))
+        for sv, ok in zip(servers, answers):
             if ok and not sv.up:
                 logger.info("rollout server %s answers /health again", sv.url)
             elif not ok and sv.up:
@@ -364,15 +443,7 @@ class SGLangEngine:
         if out is None:
             self._update(lambda version, servers: self._update_distributed(named_tensors, version, servers))
             return
-        try:
-            from megatron_opd.convert.export import save_hf_checkpoint
-            from megatron_opd.convert.hf_io import load_hf_config
-
-            config = load_hf_config(self.model_dir)
-            save_hf_checkpoint(named_tensors, out, config, tokenizer_dir=self.model_dir, overwrite=True)
-        except BaseException:
-            shutil.rmtree(out, ignore_errors=True)
-            raise
+        write_hf_weights(named_tensors, out, self.model_dir)
         self.update_weights_from_dir(out)
 
     def weights_dir(self) -> str | None:
@@ -380,10 +451,7 @@ class SGLangEngine:
         trainer may write them there itself, then call :meth:`update_weights_from_dir`)."""
         if self.cfg.sglang.weight_sync != "disk":
             return None
-        root = self.cfg.sglang.weight_sync_dir
-        base = Path(root) if root else Path(tempfile.gettempdir())
-        base.mkdir(parents=True, exist_ok=True)
-        return tempfile.mkdtemp(prefix=f"opd_weights_v{self.weight_version + 1}_", dir=base)
+        return new_weights_dir(self.cfg.sglang.weight_sync_dir, f"opd_weights_v{self.weight_version + 1}_")
 
     def update_weights_from_dir(self, path: str) -> None:
         """``/update_weights_from_disk`` of the HF directory ``path`` on every server. The engine
@@ -412,7 +480,7 @@ class SGLangEngine:
 
     def _post_from_disk(self, out: Path, version: str, servers: list[Server]) -> None:
         body = protocol.update_weights_from_disk_body(str(out), version)
-        errors = self._post_all(servers, "/update_weights_from_disk", body)
+        errors = self._post_all({sv: body for sv in servers}, "/update_weights_from_disk")
         for sv, err in errors.items():
             sv.retired = True
             self.failures.append(ServerFailure(sv.url, f"weight update {version}: {err}", 0, time.time()))
@@ -424,14 +492,15 @@ class SGLangEngine:
         if out is not None:
             shutil.rmtree(out, ignore_errors=True)
 
-    def _post_all(
-        self, servers: list[Server], path: str, body: dict[str, Any], *, confirms: bool = True
-    ) -> dict[Server, str]:
-        """POST ``body`` to every server at once; the servers that failed, with their errors.
+    def _post_all(self, bodies: dict[Server, dict[str, Any]], path: str, *, confirms: bool = True) -> dict[Server, str]:
+        """POST each server its body, all at once; the servers that failed, with their errors.
         ``confirms``: the answer must say ``"success": true`` (weight updates); SGLang's memory
         endpoints answer ``null`` and fail only with an HTTP error."""
-        with ThreadPoolExecutor(len(servers)) as pool:
-            futures = {sv: pool.submit(post_json, sv.url, path, body, self.cfg.request_timeout_s) for sv in servers}
+        with ThreadPoolExecutor(len(bodies)) as pool:
+            futures = {
+                sv: pool.submit(post_json, sv.url, path, body, self.cfg.request_timeout_s)
+                for sv, body in bodies.items()
+            }
         errors = {}
         for sv, fut in futures.items():
             try:
@@ -464,7 +533,20 @@ class SGLangEngine:
                 bucket_mb=self.cfg.weight_sync_bucket_mb,
                 timeout_s=self.cfg.request_timeout_s,
             )
-        self._dist.update(named_tensors, version)
+        self._post_checked(servers, "/begin_weight_update", protocol.begin_weight_update_body(), version)
+        try:
+            self._dist.update(named_tensors, version)
+        finally:
+            self._post_checked(servers, "/end_weight_update", {}, version)
+
+    def _post_checked(self, servers: list[Server], path: str, body: dict[str, Any], version: str) -> None:
+        """POST to every server of a weight update; any failure fails the update."""
+        errors = self._post_all({sv: body for sv in servers}, path)
+        if errors:
+            raise RolloutError(
+                f"weight update {version}: {path} failed on "
+                + "; ".join(f"{sv.url}: {err}" for sv, err in errors.items())
+            )
 
     def _destroy_group(self) -> None:
         if self._dist is None:
@@ -477,29 +559,39 @@ class SGLangEngine:
 
     # -- memory -------------------------------------------------------------------------------------------
     def release_memory(self) -> None:
-        """``/release_memory_occupation`` (every region) on every server in use. Servers need
+        """``/release_memory_occupation`` of every region (:data:`MEMORY_TAGS`, SGLang's
+        ``GPU_MEMORY_ALL_TYPES``) on every server in use that holds them; called between rollouts,
+        when no request is in flight (SGLang asserts an idle server). Servers need
         ``--enable-memory-saver`` (added to launched servers when ``rollout.offload_when_idle``)."""
-        self._memory("/release_memory_occupation", None)
+        self._memory("/release_memory_occupation", MEMORY_TAGS)
 
     def resume_memory(self, tags: tuple[str, ...] | None = None) -> None:
-        self._memory("/resume_memory_occupation", tags)
+        """``/resume_memory_occupation`` of the regions of ``tags`` (``None``: all) that each server
+        has released, named explicitly: SGLang expands ``null`` to every region and crashes on one
+        that is not released (a weight sync resumes ``weights`` first, the next rollout the rest)."""
+        self._memory("/resume_memory_occupation", MEMORY_TAGS if tags is None else tags)
 
-    def _memory(self, path: str, tags: tuple[str, ...] | None) -> None:
-        """Release (``tags=None``) on every server in use, or resume ``tags`` where they were released.
-        A server that fails is marked down (a launched one restarts: awake, on the latest weights)."""
+    def _memory(self, path: str, tags: tuple[str, ...]) -> None:
+        """Release ``tags`` where they are held, or resume them where they are released, on every
+        server in use. A server that fails is marked down (a launched one restarts: awake, on the
+        latest weights)."""
         self.wait_for_restarts()
         release = path == "/release_memory_occupation"
-        wanted = set(MEMORY_TAGS if tags is None else tags)
-        servers = [sv for sv in self.servers if sv.up and not sv.retired and (release or sv.released & wanted)]
-        if not servers:
+        bodies = {}
+        for sv in self.servers:
+            regions = [t for t in MEMORY_TAGS if t in tags and (t in sv.released) != release]
+            if sv.up and not sv.retired and regions:
+                bodies[sv] = protocol.memory_occupation_body(regions)
+        if not bodies:
             return
-        errors = self._post_all(servers, path, protocol.memory_occupation_body(tags), confirms=False)
-        for sv in servers:
+        errors = self._post_all(bodies, path, confirms=False)
+        for sv, body in bodies.items():
             if sv in errors:
                 self._mark_down(sv, f"{path}: {errors[sv]}", 0)
             else:
-                sv.released = sv.released | wanted if release else sv.released - wanted
-        if len(errors) == len(servers):
+                changed = set(body["tags"])
+                sv.released = sv.released | changed if release else sv.released - changed
+        if len(errors) == len(bodies):
             raise RolloutError(
                 f"{path} failed on every rollout server: {self._failure_report()}. Fix: launch SGLang with "
                 "--enable-memory-saver (rollout.sglang.extra_args), or set rollout.offload_when_idle=false."
@@ -509,7 +601,7 @@ class SGLangEngine:
     def health(self) -> bool:
         """True when every server still in use answers ``GET /health``."""
         in_use = [sv for sv in self.servers if not sv.retired]
-        return bool(in_use) and all(healthy(sv.url) for sv in in_use)
+        return bool(in_use) and all(healthy(sv.url, self.cfg.sglang.health_timeout_s) for sv in in_use)
 
     def shutdown(self) -> None:
         """Tear down the weight-update group, stop the servers launched here, remove kept weights

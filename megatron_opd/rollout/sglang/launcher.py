@@ -82,6 +82,7 @@ def find_free_ports(host: str, start: int, count: int, avoid: set[int] | None = 
 
 
 PORT_STRIDE = 10  # server i looks for its ports from base_port + i*PORT_STRIDE (SGLang may use neighbours)
+SERVER_ENV = {"SGLANG_RETURN_ORIGINAL_LOGPROB": "false"}  # log-probs at the sampling temperature (sampler.py)
 
 
 def sglang_server_commands(
@@ -91,11 +92,18 @@ def sglang_server_commands(
 
     Server ``i`` gets an HTTP port and an NCCL port found free from ``base_port + 10*i`` on, GPUs
     ``base_gpu_id + i*tp*dp ... + tp*dp - 1`` and random seed ``seed + i``. ``memory_saver``: with
-    ``--enable-memory-saver`` (needed to release memory between rollouts).
+    ``--enable-memory-saver`` (needed to release memory between rollouts);
+    ``cfg.deterministic_inference``: with ``--enable-deterministic-inference`` (SGLang honours the
+    per-row ``sampling_seed`` only then). ``SGLANG_RETURN_ORIGINAL_LOGPROB`` is forced off: the
+    servers report log-probs at the sampling temperature, as rollout correction needs.
     """
     extra = list(cfg.extra_args)
-    if memory_saver and "--enable-memory-saver" not in extra:
-        extra.append("--enable-memory-saver")
+    for flag, wanted in (
+        ("--enable-memory-saver", memory_saver),
+        ("--enable-deterministic-inference", cfg.deterministic_inference),
+    ):
+        if wanted and flag not in extra:
+            extra.append(flag)
     gpus = cfg.tp_size * cfg.dp_size
     taken: set[int] = set()
     commands = []
@@ -115,7 +123,7 @@ def sglang_server_commands(
             "--random-seed", str(seed + i),
             *extra,
         ]  # fmt: skip
-        commands.append(ServerCommand(f"http://{cfg.host}:{http_port}", command, name=f"sglang{i}"))
+        commands.append(ServerCommand(f"http://{cfg.host}:{http_port}", command, dict(SERVER_ENV), f"sglang{i}"))
     return commands
 
 
@@ -136,8 +144,13 @@ def check_gpus(cfg: SGLangConfig) -> None:
 class ServerProcesses:
     """Server subprocesses with log files; a context manager that stops them on exit."""
 
-    def __init__(self, commands: list[ServerCommand], log_dir: str | Path | None = None) -> None:
+    def __init__(
+        self, commands: list[ServerCommand], log_dir: str | Path | None = None, health_timeout_s: float = 30.0
+    ) -> None:
+        """``health_timeout_s``: how long one ``GET /health`` may take (SGLang generates a token
+        for it and answers within its own 20 s)."""
         self.commands = commands
+        self.health_timeout_s = health_timeout_s
         self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="opd_servers_"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.procs: list[subprocess.Popen] = []
@@ -191,7 +204,8 @@ class ServerProcesses:
                         f"while starting. Last lines of {self.log_paths[i]}:\n{self.log_tail(i)}"
                     )
                 try:
-                    if requests.get(self.commands[i].url + "/health", timeout=5).status_code == 200:
+                    probe = min(self.health_timeout_s, max(1.0, deadline - time.monotonic()))
+                    if requests.get(self.commands[i].url + "/health", timeout=probe).status_code == 200:
                         pending.discard(i)
                 except requests.RequestException:
                     pass

@@ -17,7 +17,15 @@ Field names and shapes follow SGLang's ``GenerateReqInput``, ``SamplingParams`` 
   -> ``{success, message, num_paused_requests}``.
 - ``POST /init_weights_update_group`` ``{master_address, master_port, rank_offset, world_size,
   group_name, backend}`` and ``POST /update_weights_from_distributed`` ``{names, dtypes, shapes,
-  group_name, flush_cache, abort_all_requests, weight_version}`` -> ``{success, message}``.
+  group_name, flush_cache, abort_all_requests, weight_version}`` -> ``{success, message}``; SGLang
+  0.5.23 loads a distributed update only inside a session, ``POST /begin_weight_update``
+  ``{selector}`` ... ``POST /end_weight_update`` ``{}``.
+- ``POST /release_memory_occupation`` / ``/resume_memory_occupation`` ``{tags}``: ``null`` (or
+  ``[]``) means every region of :data:`~megatron_opd.rollout.base.MEMORY_TAGS`, on resume as well;
+  resuming a region that is not released crashes SGLang's scheduler, so the client always names
+  the regions it resumes.
+- ``GET /server_info`` (``/get_server_info``): the server's resolved arguments, e.g.
+  ``enable_deterministic_inference``.
 """
 
 from __future__ import annotations
@@ -139,9 +147,25 @@ def update_weights_from_distributed_body(
     }
 
 
-def memory_occupation_body(tags: tuple[str, ...] | None) -> dict[str, Any]:
-    """``/release_memory_occupation`` and ``/resume_memory_occupation`` (``tags: None``: every region)."""
-    return {"tags": None if tags is None else list(tags)}
+def memory_occupation_body(tags: list[str]) -> dict[str, Any]:
+    """``/release_memory_occupation`` and ``/resume_memory_occupation`` of the regions ``tags``
+    (always named: ``null`` would resume regions that are not released)."""
+    return {"tags": list(tags)}
+
+
+def begin_weight_update_body() -> dict[str, Any]:
+    return {"selector": "all"}
+
+
+def server_arg(info: Any, key: str) -> Any:
+    """``key`` of a ``/server_info`` answer (resolved server arguments, flat or grouped by
+    namespace); ``None`` when absent."""
+    if not isinstance(info, dict):
+        return None
+    if key in info:
+        return info[key]
+    nested = [v[key] for v in info.values() if isinstance(v, dict) and key in v]
+    return nested[0] if nested else None
 
 
 # -- server side -------------------------------------------------------------------------------

@@ -177,7 +177,8 @@ def _item_bytes(item: WriteItem) -> int:
 
 class _MaterializingPlanner(MCoreSavePlanner):
     """megatron's planner, resolving ``meta`` tensors through a :data:`TensorSource` when the writer
-    asks for them (one at a time), and counting what is written."""
+    asks for them (one at a time), and counting what is written. With a source every tensor must be
+    on the meta device: any other holds values the source did not give."""
 
     def __init__(self, source: TensorSource | None, progress: bool) -> None:
         super().__init__(dedup_replicated_tensors=False, flatten_state_dict=False)
@@ -195,9 +196,16 @@ class _MaterializingPlanner(MCoreSavePlanner):
         data = super().resolve_data(write_item)
         if write_item.type == WriteItemType.BYTE_IO:
             return data
+        key = write_item.index.fqn
+        if self._source is not None and not data.is_meta:
+            raise CheckpointError(
+                f"{key}: a source was given, but the model holds this tensor on {data.device}, not on the meta "
+                "device, so its (uninitialised) values would be written; build the model for a conversion with "
+                "spec='local' under torch.device('meta') (Transformer Engine modules take an explicit device)"
+            )
         if data.is_meta:
             chunk = write_item.tensor_data.chunk
-            key, offsets, sizes = write_item.index.fqn, tuple(chunk.offsets), tuple(chunk.sizes)
+            offsets, sizes = tuple(chunk.offsets), tuple(chunk.sizes)
             if self._source is None:
                 raise CheckpointError(f"{key}: the tensor is on the meta device and no source was given to read it")
             data = self._source(key, offsets, sizes)

@@ -327,13 +327,13 @@ def save_model_checkpoint(
 # ---- loading ----
 
 
-def load_model_checkpoint(model: torch.nn.Module, ckpt_dir: str | Path) -> int:
-    """Load a checkpoint (root or iteration dir, written at any TP/PP/EP) into this rank's part of
-    ``model``; returns its iteration. Collective. Raises :class:`CheckpointError` when a tensor
-    of the model is not in the checkpoint."""
-    iter_dir = checkpoint_iter_dir(ckpt_dir)
+def load_sharded(sharded: dict[str, Any], iter_dir: str | Path) -> dict[str, Any]:
+    """``dist_checkpointing.load`` of ``sharded`` from one iteration directory (collective).
+
+    Transformer Engine's ``_extra_state`` entries (FP8 metadata) the checkpoint lacks are left out:
+    a checkpoint of the local spec, or of ``opd convert``, loads into a TE model. Any other tensor
+    the checkpoint lacks is a :class:`CheckpointError`."""
     allow_checkpoint_args()
-    sharded = {"model": model_sharded_state_dict(model)}
     try:
         loaded, _, absent = dist_checkpointing.load(sharded, str(iter_dir), strict=StrictHandling.RETURN_UNEXPECTED)
     except CheckpointError:
@@ -346,10 +346,24 @@ def load_model_checkpoint(model: torch.nn.Module, ckpt_dir: str | Path) -> int:
             f"{iter_dir}: the checkpoint lacks {len(missing_tensors)} tensors of the model, e.g. {missing_tensors[:3]}; "
             "was it written for another architecture?"
         )
-    result = unwrap_model(model).load_state_dict(loaded["model"], strict=False)
+    return loaded
+
+
+def load_state_into(model: torch.nn.Module, state: dict[str, Any], iter_dir: str | Path) -> None:
+    """``model.load_state_dict(state)``, where only ``_extra_state`` entries may be absent."""
+    result = unwrap_model(model).load_state_dict(state, strict=False)
     not_loaded = [k for k in result.missing_keys if not k.endswith(EXTRA_STATE_SUFFIX)]
     if not_loaded or result.unexpected_keys:
         raise CheckpointError(
             f"{iter_dir}: state does not fit the model: {not_loaded[:3]} {result.unexpected_keys[:3]}"
         )
+
+
+def load_model_checkpoint(model: torch.nn.Module, ckpt_dir: str | Path) -> int:
+    """Load a checkpoint (root or iteration dir, written at any TP/PP/EP, with either spec) into this
+    rank's part of ``model``; returns its iteration. Collective. Raises :class:`CheckpointError`
+    when a tensor of the model is not in the checkpoint."""
+    iter_dir = checkpoint_iter_dir(ckpt_dir)
+    loaded = load_sharded({"model": model_sharded_state_dict(model)}, iter_dir)
+    load_state_into(model, loaded["model"], iter_dir)
     return int(loaded.get("iteration", 0))

@@ -191,7 +191,12 @@ class TERowParallelLinear(TELinear):
 
         state_dict = self.state_dict(prefix="", keep_vars=True)
         return make_sharded_tensors_for_checkpoint(
-            state_dict, prefix, {"weight": 1}, sharded_offsets, tp_group=self._tp_group, dp_cp_group=metadata["dp_cp_group"]
+            state_dict,
+            prefix,
+            {"weight": 1},
+            sharded_offsets,
+            tp_group=self._tp_group,
+            dp_cp_group=metadata["dp_cp_group"],
         )
 
 
@@ -224,7 +229,9 @@ class TELayerNormColumnParallelLinear(_TEModule):
         tp_size = get_pg_size(self._tp_group)
         self.use_bias = bias
         self._new_param("layer_norm_weight", (input_size,), config, lambda w: torch.nn.init.ones_(w))
-        self._new_param("weight", (output_size // tp_size, input_size), config, _condition_init_method(config, init_method))
+        self._new_param(
+            "weight", (output_size // tp_size, input_size), config, _condition_init_method(config, init_method)
+        )
         if bias:
             self._new_param("bias", (output_size // tp_size,), config, lambda w: torch.nn.init.zeros_(w))
         for param in self.parameters():
@@ -321,7 +328,9 @@ class TEGroupedLinear(_TEModule):
             input_size //= tp_size
         self.num_gemms, self.use_bias = num_gemms, bias
         for i in range(num_gemms):
-            self._new_param(f"weight{i}", (output_size, input_size), config, _condition_init_method(config, init_method))
+            self._new_param(
+                f"weight{i}", (output_size, input_size), config, _condition_init_method(config, init_method)
+            )
         expert_parallel = config.expert_model_parallel_size > 1
         for param in self.parameters():
             param.allreduce = not expert_parallel
@@ -347,7 +356,12 @@ class TEGroupedLinear(_TEModule):
             }
             new_sharded_offsets = (*sharded_offsets, (ep_axis, global_expert_idx, num_global_experts))
             sub_sd = make_sharded_tensors_for_checkpoint(
-                state_dict, "", tp_axis_map, new_sharded_offsets, tp_group=self._tp_group, dp_cp_group=metadata["dp_cp_group"]
+                state_dict,
+                "",
+                tp_axis_map,
+                new_sharded_offsets,
+                tp_group=self._tp_group,
+                dp_cp_group=metadata["dp_cp_group"],
             )
             replace_prefix_for_sharding(sub_sd, f"{gemm_idx}.", prefix)
             sharded_state_dict[f"{prefix}weight{gemm_idx}"] = sub_sd[f"{gemm_idx}.weight"]
@@ -501,7 +515,13 @@ class FusedAdam(torch.optim.Optimizer):
             raise AssertionError("the fake FusedAdam covers fp32 states without master weights")
         if {exp_avg_dtype, exp_avg_sq_dtype} != {torch.float32}:
             raise AssertionError("the fake FusedAdam covers fp32 states")
-        defaults = {"lr": lr, "bias_correction": bias_correction, "betas": betas, "eps": eps, "weight_decay": weight_decay}
+        defaults = {
+            "lr": lr,
+            "bias_correction": bias_correction,
+            "betas": betas,
+            "eps": eps,
+            "weight_decay": weight_decay,
+        }
         super().__init__(params, defaults)
         self.adam_w_mode = 1 if adam_w_mode else 0
         self.master_weights = master_weights
@@ -610,4 +630,3 @@ def install_fused_adam(patch: Callable[[Any, str, Any], None] = setattr) -> None
     patch(distrib_optimizer, "Adam", FusedAdam)
     patch(distrib_optimizer, "HAVE_APEX_OR_TE", True)
     patch(distrib_optimizer, "USING_TE_OPTIMIZER", True)
-

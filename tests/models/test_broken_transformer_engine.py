@@ -19,7 +19,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 REPO = Path(__file__).resolve().parents[2]
 # TE's torch extension (the transformer-engine-torch package) missing or built for another torch
 ERROR = "No module named 'transformer_engine_torch'"

@@ -55,7 +55,9 @@ def _snapshot(worker: Any) -> dict[str, np.ndarray]:
     from megatron_opd.convert.mcore_io import model_sharded_state_dict
 
     model_sd = model_sharded_state_dict(worker._unwrapped())
-    out = {v.key: v.data.detach().float().numpy().copy() for v in nested_values(model_sd) if isinstance(v, ShardedTensor)}
+    out = {
+        v.key: v.data.detach().float().numpy().copy() for v in nested_values(model_sd) if isinstance(v, ShardedTensor)
+    }
     opt = worker.optimizer.sharded_state_dict(model_sd, metadata={"distrib_optim_sharding_type": "fully_reshardable"})
     out.update({v.key: v.data.detach().numpy().copy() for v in nested_values(opt["param_state"])})
     out["step"] = np.array([g.get("step", -1) for g in opt["optimizer"]["param_groups"]], dtype=np.float64)

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from copy import deepcopy
 from itertools import chain
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -67,7 +67,9 @@ def _tp_group(tp_group: Any, is_expert: bool) -> Any:
 
 class TELinear(_TEModule):
     """``TELinear`` (te.pytorch.Linear): ``weight`` [out/TP, in] (column) or [out, in/TP] (row); no
-    ``bias`` parameter without bias."""
+    ``bias`` parameter without bias. Its sharded state dict splits ``tp_axis_map`` over TP."""
+
+    tp_axis_map: ClassVar[dict[str, int] | None] = None  # replicated (duplicated mode)
 
     def __init__(
         self,
@@ -88,10 +90,13 @@ class TELinear(_TEModule):
         from megatron.core.utils import get_pg_size
 
         super().__init__()
+        if skip_weight_param_allocation:
+            raise ValueError("Transformer Engine linear layers do not support skip_weight_param_allocation")
         self.config, self.parallel_mode = config, parallel_mode
         self._tp_group = None if parallel_mode == "duplicated" else _tp_group(tp_group, is_expert)
         tp_size = 1 if parallel_mode == "duplicated" else get_pg_size(self._tp_group)
         expert_parallel = config.expert_model_parallel_size > 1
+        self._before_weight(input_size, config)
         if parallel_mode == "column":
             output_size //= tp_size
         elif parallel_mode == "row":
@@ -103,16 +108,27 @@ class TELinear(_TEModule):
         for param in self.parameters():
             param.allreduce = not expert_parallel if is_expert else True
 
-    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Any = None) -> dict:
-        from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+    def _before_weight(self, input_size: int, config: Any) -> None:
+        """Parameters TE registers before ``weight`` (none for a plain linear)."""
 
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Any = None) -> dict:
+        from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, make_sharded_tensors_for_checkpoint
+
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
         state_dict = self.state_dict(prefix="", keep_vars=True)
         return make_sharded_tensors_for_checkpoint(
-            state_dict, prefix, None, sharded_offsets, tp_group=self._tp_group, dp_cp_group=metadata["dp_cp_group"]
+            state_dict,
+            prefix,
+            self.tp_axis_map,
+            sharded_offsets,
+            tp_group=self._tp_group,
+            dp_cp_group=metadata["dp_cp_group"],
         )
 
 
 class TEColumnParallelLinear(TELinear):
+    tp_axis_map: ClassVar[dict[str, int] | None] = {"weight": 0, "bias": 0}
+
     def __init__(
         self,
         input_size: int,
@@ -129,6 +145,8 @@ class TEColumnParallelLinear(TELinear):
         tp_group: Any = None,
         stride: int = 1,
     ) -> None:
+        if gather_output:
+            raise ValueError("Transformer Engine linear layers do not support gather_output = True")
         super().__init__(
             input_size,
             output_size,
@@ -143,21 +161,10 @@ class TEColumnParallelLinear(TELinear):
             tp_group=_tp_group(tp_group, is_expert),
         )
 
-    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Any = None) -> dict:
-        from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
-
-        state_dict = self.state_dict(prefix="", keep_vars=True)
-        return make_sharded_tensors_for_checkpoint(
-            state_dict,
-            prefix,
-            {"weight": 0, "bias": 0},
-            sharded_offsets,
-            tp_group=self._tp_group,
-            dp_cp_group=metadata["dp_cp_group"],
-        )
-
 
 class TERowParallelLinear(TELinear):
+    tp_axis_map: ClassVar[dict[str, int] | None] = {"weight": 1}
+
     def __init__(
         self,
         input_size: int,
@@ -186,70 +193,13 @@ class TERowParallelLinear(TELinear):
             tp_group=_tp_group(tp_group, is_expert),
         )
 
-    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Any = None) -> dict:
-        from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
-        state_dict = self.state_dict(prefix="", keep_vars=True)
-        return make_sharded_tensors_for_checkpoint(
-            state_dict,
-            prefix,
-            {"weight": 1},
-            sharded_offsets,
-            tp_group=self._tp_group,
-            dp_cp_group=metadata["dp_cp_group"],
-        )
+class TELayerNormColumnParallelLinear(TEColumnParallelLinear):
+    """te.pytorch.LayerNormLinear: ``layer_norm_weight`` [in] first (RMSNorm: no ``layer_norm_bias``),
+    then ``weight`` [out/TP, in]; the constructor is megatron's column-parallel one."""
 
-
-class TELayerNormColumnParallelLinear(_TEModule):
-    """te.pytorch.LayerNormLinear: ``layer_norm_weight`` [in] (RMSNorm: no ``layer_norm_bias``) and
-    ``weight`` [out/TP, in]."""
-
-    def __init__(
-        self,
-        input_size: int,
-        output_size: int,
-        *,
-        config: Any,
-        init_method: Callable,
-        gather_output: bool,
-        bias: bool,
-        skip_bias_add: bool,
-        is_expert: bool,
-        skip_weight_param_allocation: bool = False,
-        tp_comm_buffer_name: str | None = None,
-        tp_group: Any = None,
-        stride: int = 1,
-    ) -> None:
-        from megatron.core.utils import get_pg_size
-
-        super().__init__()
-        if gather_output or is_expert or skip_weight_param_allocation:
-            raise ValueError("Transformer Engine linear layers do not support these options")
-        self._tp_group = _tp_group(tp_group, is_expert)
-        tp_size = get_pg_size(self._tp_group)
-        self.use_bias = bias
+    def _before_weight(self, input_size: int, config: Any) -> None:
         self._new_param("layer_norm_weight", (input_size,), config, lambda w: torch.nn.init.ones_(w))
-        self._new_param(
-            "weight", (output_size // tp_size, input_size), config, _condition_init_method(config, init_method)
-        )
-        if bias:
-            self._new_param("bias", (output_size // tp_size,), config, lambda w: torch.nn.init.zeros_(w))
-        for param in self.parameters():
-            param.allreduce = True
-
-    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Any = None) -> dict:
-        from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, make_sharded_tensors_for_checkpoint
-
-        metadata = ensure_metadata_has_dp_cp_group(metadata)
-        state_dict = self.state_dict(prefix="", keep_vars=True)
-        return make_sharded_tensors_for_checkpoint(
-            state_dict,
-            prefix,
-            {"weight": 0, "bias": 0},
-            sharded_offsets,
-            tp_group=self._tp_group,
-            dp_cp_group=metadata["dp_cp_group"],
-        )
 
 
 class _RMSNorm(_TEModule):
@@ -374,7 +324,11 @@ class TEGroupedLinear(_TEModule):
         return sharded_state_dict
 
 
-class TEColumnParallelGroupedLinear(TEGroupedLinear):
+class _ParallelGroupedLinear(TEGroupedLinear):
+    """The constructor megatron's column- and row-parallel grouped linears share."""
+
+    parallel_mode = ""
+
     def __init__(
         self,
         num_gemms: int,
@@ -393,7 +347,7 @@ class TEColumnParallelGroupedLinear(TEGroupedLinear):
             num_gemms,
             input_size,
             output_size,
-            parallel_mode="column",
+            parallel_mode=self.parallel_mode,
             config=config,
             init_method=init_method,
             bias=bias,
@@ -402,6 +356,10 @@ class TEColumnParallelGroupedLinear(TEGroupedLinear):
             tp_comm_buffer_name=tp_comm_buffer_name,
             pg_collection=pg_collection,
         )
+
+
+class TEColumnParallelGroupedLinear(_ParallelGroupedLinear):
+    parallel_mode = "column"
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Any = None) -> dict:
         tp_axis_map = {}
@@ -410,34 +368,8 @@ class TEColumnParallelGroupedLinear(TEGroupedLinear):
         return self._sharded_state_dict_grouped(tp_axis_map, prefix, sharded_offsets, metadata)
 
 
-class TERowParallelGroupedLinear(TEGroupedLinear):
-    def __init__(
-        self,
-        num_gemms: int,
-        input_size: int,
-        output_size: int,
-        *,
-        config: Any,
-        init_method: Callable,
-        bias: bool,
-        skip_bias_add: bool,
-        is_expert: bool,
-        tp_comm_buffer_name: str | None = None,
-        pg_collection: Any = None,
-    ) -> None:
-        super().__init__(
-            num_gemms,
-            input_size,
-            output_size,
-            parallel_mode="row",
-            config=config,
-            init_method=init_method,
-            bias=bias,
-            skip_bias_add=skip_bias_add,
-            is_expert=is_expert,
-            tp_comm_buffer_name=tp_comm_buffer_name,
-            pg_collection=pg_collection,
-        )
+class TERowParallelGroupedLinear(_ParallelGroupedLinear):
+    parallel_mode = "row"
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Any = None) -> dict:
         tp_axis_map = {f"{gemm_idx}.weight": 1 for gemm_idx in range(self.num_gemms)}

@@ -48,20 +48,20 @@ def _train(worker: Any) -> None:
 
 def _snapshot(worker: Any) -> dict[str, np.ndarray]:
     """Model parameters, the optimizer's fp32 parameters and moments (all of them, gathered), its
-    step, by checkpoint key."""
+    steps, by checkpoint key."""
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
     from megatron_opd.convert.mcore_io import model_sharded_state_dict
 
+    def tensors(sharded: Any) -> dict[str, np.ndarray]:
+        values = (v for v in nested_values(sharded) if isinstance(v, ShardedTensor))
+        return {v.key: v.data.detach().float().numpy().copy() for v in values}
+
     model_sd = model_sharded_state_dict(worker._unwrapped())
-    out = {
-        v.key: v.data.detach().float().numpy().copy() for v in nested_values(model_sd) if isinstance(v, ShardedTensor)
-    }
     opt = worker.optimizer.sharded_state_dict(model_sd, metadata={"distrib_optim_sharding_type": "fully_reshardable"})
-    out.update({v.key: v.data.detach().numpy().copy() for v in nested_values(opt["param_state"])})
-    out["step"] = np.array([g.get("step", -1) for g in opt["optimizer"]["param_groups"]], dtype=np.float64)
-    return out
+    steps = [g.get("step", -1) for g in opt["optimizer"]["param_groups"]]
+    return {**tensors(model_sd), **tensors(opt["param_state"]), "step": np.array(steps, float)}
 
 
 def _save(worker: Any, path: str, iteration: int) -> None:
@@ -127,7 +127,7 @@ def _world1(student: str, root: str) -> dict:
 
 
 def _world2_save(student: str, root: str) -> tuple[list, dict]:
-    """DP=2: one update, then a save; which ranks built the optimizer state of the whole model."""
+    """DP=2: one update, then a save; which ranks built the optimizer state of their whole model part."""
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
     worker = _worker(student, dp=2)

@@ -7,12 +7,14 @@
 #                   used; set it to an empty string to activate none (the environment is already right)
 #   OPD_CONTAINER_IMAGE  (Slurm only) a pyxis image: when set, the virtualenv default is off
 # Runtime defaults exported to every process (override any of them in the environment at submit time):
-#   CUDA_DEVICE_MAX_CONNECTIONS=1   Megatron's TP/SP communication overlap needs kernels issued in order
 #   NCCL_DEBUG=WARN                 NCCL prints problems only (INFO: topology, transports, rings)
 #   TORCH_NCCL_AVOID_RECORD_STREAMS=1  frees NCCL buffers deterministically (less fragmentation)
 #   GLOO_SOCKET_IFNAME              Megatron's Gloo groups (distributed optimizer, checkpoints) use the same
 #                                   interface as NCCL_SOCKET_IFNAME when that is a plain interface name
 # Network variables (NCCL_SOCKET_IFNAME, NCCL_IB_HCA, NCCL_IB_GID_INDEX, ...) are passed through untouched.
+# CUDA_DEVICE_MAX_CONNECTIONS=1 (Megatron's TP/SP communication overlap needs kernels issued in order) is
+# set by the trainer's worker processes themselves: exported here it would also serialize the kernels of
+# the rollout servers.
 
 OPD_HOME=${OPD_HOME:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
 export OPD_HOME
@@ -50,7 +52,6 @@ opd_activate_env() {
     fi
     command -v opd >/dev/null || opd_die "opd is not on PATH on $(hostname): set OPD_VENV, OPD_ENV_SETUP or OPD_CONTAINER_IMAGE"
 
-    export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
     export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
     export TORCH_NCCL_AVOID_RECORD_STREAMS=${TORCH_NCCL_AVOID_RECORD_STREAMS:-1}
     if [[ -z ${GLOO_SOCKET_IFNAME:-} && ${NCCL_SOCKET_IFNAME:-} =~ ^[A-Za-z0-9._-]+$ ]]; then

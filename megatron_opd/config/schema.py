@@ -245,6 +245,15 @@ class OPDConfig:
                     f"vocab_size {hf[f'teachers[{t.name}]'].vocab_size} differs from the student's {hf['student'].vocab_size}.",
                     "teacher and student must share a tokenizer (token-level distillation).",
                 )
+        if self.student.offload_when_idle and self.student.dtype == "fp32" and self.optim.use_distributed_optimizer:
+            raise ConfigError(
+                "student.offload_when_idle",
+                True,
+                "fp32 parameters with the distributed optimizer cannot be offloaded: its fp32 shards are views "
+                "of the parameter buffer, whose GPU storage megatron frees before moving the optimizer state.",
+                "use student.dtype=bf16 (or auto), student.offload_when_idle=false, or "
+                "optim.use_distributed_optimizer=false.",
+            )
         self.objective.validate(has_teacher_base=all(t.base_path for t in self.teachers))
         self.objective.validate_vocab(hf["student"].vocab_size)
         self.data.validate()

@@ -85,6 +85,13 @@ def _gather(param: torch.Tensor, mapping: ParamMapping) -> list[torch.Tensor]:
     return shards
 
 
+def hf_tensor_specs(model: torch.nn.Module, hf_config: Any) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    """``(hf_name, dtype, shape)`` of every tensor :func:`iter_hf_tensors` yields, in its order,
+    without gathering any data (collective: metadata only)."""
+    groups, _ = _catalogue(model, hf_config)
+    return [(name, g.dtype, shape) for g in groups for name, shape in zip(g.hf, g.shapes)]
+
+
 @torch.no_grad()
 def iter_hf_tensors(
     model: torch.nn.Module, hf_config: Any, *, dst: int | None = 0

@@ -1,7 +1,8 @@
 """HF safetensors -> Megatron-Core ``torch_dist`` checkpoint, streaming.
 
 Design: a world of TP x PP x DP ranks (DP the smallest that holds EP x ETP expert ranks) is
-spawned on this host. Each rank builds its part of the model on the ``meta`` device (no memory),
+spawned on this host. Each rank builds its part of the model with the local spec on the ``meta``
+device (no memory; no Transformer Engine needed, whatever the node has),
 takes megatron's own sharded state dict of it (so keys, global shapes, chunking and replica
 de-duplication are exactly what a training run at that layout writes) and saves it with
 :class:`~megatron_opd.convert.mcore_io.StreamingSaveStrategy`: each chunk is read from the HF files
@@ -132,9 +133,12 @@ def write_from_hf(
     hf_config = load_hf_config(hf_dir)
     source_dtype = HFCheckpointReader(hf_dir).dtype("model.embed_tokens.weight")
     dtype = dtype or source_dtype
+    # The local spec: its modules allocate on the default (meta) device and its checkpoint keys are the
+    # TE spec's (without TE's `_extra_state`, which loads leave as they are). Transformer Engine's modules
+    # take an explicit device ("cpu" here) and would hold real, uninitialised tensors.
     with torch.device("meta"):
         model = build_gpt_model(
-            hf_config, params_dtype=dtype, perform_initialization=False, use_cpu_initialization=True
+            hf_config, spec="local", params_dtype=dtype, perform_initialization=False, use_cpu_initialization=True
         )
     source = HFTensorSource(hf_dir, hf_config, dtype)
     show = progress and dist.get_rank() == 0

@@ -177,7 +177,8 @@ def _item_bytes(item: WriteItem) -> int:
 
 class _MaterializingPlanner(MCoreSavePlanner):
     """megatron's planner, resolving ``meta`` tensors through a :data:`TensorSource` when the writer
-    asks for them (one at a time), and counting what is written."""
+    asks for them (one at a time), and counting what is written. With a source every tensor must be
+    on the meta device: any other holds values the source did not give."""
 
     def __init__(self, source: TensorSource | None, progress: bool) -> None:
         super().__init__(dedup_replicated_tensors=False, flatten_state_dict=False)
@@ -195,9 +196,16 @@ class _MaterializingPlanner(MCoreSavePlanner):
         data = super().resolve_data(write_item)
         if write_item.type == WriteItemType.BYTE_IO:
             return data
+        key = write_item.index.fqn
+        if self._source is not None and not data.is_meta:
+            raise CheckpointError(
+                f"{key}: a source was given, but the model holds this tensor on {data.device}, not on the meta "
+                "device, so its (uninitialised) values would be written; build the model for a conversion with "
+                "spec='local' under torch.device('meta') (Transformer Engine modules take an explicit device)"
+            )
         if data.is_meta:
             chunk = write_item.tensor_data.chunk
-            key, offsets, sizes = write_item.index.fqn, tuple(chunk.offsets), tuple(chunk.sizes)
+            offsets, sizes = tuple(chunk.offsets), tuple(chunk.sizes)
             if self._source is None:
                 raise CheckpointError(f"{key}: the tensor is on the meta device and no source was given to read it")
             data = self._source(key, offsets, sizes)
@@ -319,13 +327,13 @@ def save_model_checkpoint(
 # ---- loading ----
 
 
-def load_model_checkpoint(model: torch.nn.Module, ckpt_dir: str | Path) -> int:
-    """Load a checkpoint (root or iteration dir, written at any TP/PP/EP) into this rank's part of
-    ``model``; returns its iteration. Collective. Raises :class:`CheckpointError` when a tensor
-    of the model is not in the checkpoint."""
-    iter_dir = checkpoint_iter_dir(ckpt_dir)
+def load_sharded(sharded: dict[str, Any], iter_dir: str | Path) -> dict[str, Any]:
+    """``dist_checkpointing.load`` of ``sharded`` from one iteration directory (collective).
+
+    Transformer Engine's ``_extra_state`` entries (FP8 metadata) the checkpoint lacks are left out:
+    a checkpoint of the local spec, or of ``opd convert``, loads into a TE model. Any other tensor
+    the checkpoint lacks is a :class:`CheckpointError`."""
     allow_checkpoint_args()
-    sharded = {"model": model_sharded_state_dict(model)}
     try:
         loaded, _, absent = dist_checkpointing.load(sharded, str(iter_dir), strict=StrictHandling.RETURN_UNEXPECTED)
     except CheckpointError:
@@ -338,10 +346,24 @@ def load_model_checkpoint(model: torch.nn.Module, ckpt_dir: str | Path) -> int:
             f"{iter_dir}: the checkpoint lacks {len(missing_tensors)} tensors of the model, e.g. {missing_tensors[:3]}; "
             "was it written for another architecture?"
         )
-    result = unwrap_model(model).load_state_dict(loaded["model"], strict=False)
+    return loaded
+
+
+def load_state_into(model: torch.nn.Module, state: dict[str, Any], iter_dir: str | Path) -> None:
+    """``model.load_state_dict(state)``, where only ``_extra_state`` entries may be absent."""
+    result = unwrap_model(model).load_state_dict(state, strict=False)
     not_loaded = [k for k in result.missing_keys if not k.endswith(EXTRA_STATE_SUFFIX)]
     if not_loaded or result.unexpected_keys:
         raise CheckpointError(
             f"{iter_dir}: state does not fit the model: {not_loaded[:3]} {result.unexpected_keys[:3]}"
         )
+
+
+def load_model_checkpoint(model: torch.nn.Module, ckpt_dir: str | Path) -> int:
+    """Load a checkpoint (root or iteration dir, written at any TP/PP/EP, with either spec) into this
+    rank's part of ``model``; returns its iteration. Collective. Raises :class:`CheckpointError`
+    when a tensor of the model is not in the checkpoint."""
+    iter_dir = checkpoint_iter_dir(ckpt_dir)
+    loaded = load_sharded({"model": model_sharded_state_dict(model)}, iter_dir)
+    load_state_into(model, loaded["model"], iter_dir)
     return int(loaded.get("iteration", 0))

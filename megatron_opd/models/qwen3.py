@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib
 import importlib.util
+import warnings
 from typing import Any, Literal
 
 import torch
@@ -175,22 +177,69 @@ def transformer_config_from_hf(
     return TransformerConfig(**fields)
 
 
+def transformer_engine_problem() -> str | None:
+    """Why megatron-core cannot build its Transformer Engine spec here; ``None`` when it can.
+
+    A broken install counts: ``transformer_engine`` is found but fails to import (a torch or CUDA
+    version it was not built for, a missing library). megatron-core's modules then import without it
+    (``HAVE_TE = False``) and its TE spec fails later with a ``NameError`` or ``ImportError``."""
+    if importlib.util.find_spec("transformer_engine") is None:
+        return "Transformer Engine is not installed"
+    from megatron.core.extensions import transformer_engine as mcore_te
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if mcore_te.HAVE_TE and gpt_layer_specs.HAVE_TE:
+        return None
+    try:
+        importlib.import_module("transformer_engine.pytorch")
+    except Exception as e:  # what the install's import raises (ImportError, OSError, RuntimeError, ...)
+        return f"Transformer Engine is installed but does not import ({type(e).__name__}: {e})"
+    return "Transformer Engine is installed but megatron-core failed to import it"
+
+
 def has_transformer_engine() -> bool:
-    return importlib.util.find_spec("transformer_engine") is not None
+    return transformer_engine_problem() is None
 
 
 def resolve_spec_name(spec: SpecName = "auto") -> Literal["te", "local"]:
-    """``auto`` picks Transformer Engine where it is installed and CUDA is present, else local."""
+    """``auto`` picks Transformer Engine where it is usable and CUDA is present, else local (with a
+    warning when TE is installed but broken)."""
     if spec == "auto":
-        return "te" if torch.cuda.is_available() and has_transformer_engine() else "local"
+        if not torch.cuda.is_available():
+            return "local"
+        if has_transformer_engine():
+            return "te"
+        if importlib.util.find_spec("transformer_engine") is not None:  # installed, but broken
+            warnings.warn(
+                f"spec=auto: {transformer_engine_problem()}; building the local spec (SDPA attention) instead.",
+                stacklevel=2,
+            )
+        return "local"
     if spec == "te" and not has_transformer_engine():
         raise ModelConfigError(
-            "spec='te' needs Transformer Engine (pip install megatron_opd[gpu]); "
-            "use spec='local' (SDPA attention) or 'auto'."
+            f"spec='te' needs a working Transformer Engine: {transformer_engine_problem()}. Fix: install the "
+            "Transformer Engine build for this torch and CUDA (pip install megatron_opd[gpu]), or use "
+            "spec='local' (SDPA attention) or 'auto'."
         )
     if spec not in ("te", "local"):
         raise ModelConfigError(f"spec={spec!r}: choose one of auto, te, local")
     return spec
+
+
+def transformer_engine_options(hf_config: Any) -> dict[str, Any]:
+    """``TransformerConfig`` fields the TE spec runs faster with: the experts of a layer as TE's grouped
+    GEMM (``TEGroupedMLP``) instead of a Python loop over one linear pair per expert, TE's fused RoPE,
+    the fused SwiGLU, and weight gradients accumulated by the GEMM into ``main_grad`` where the fused
+    kernel of the output layer (megatron's own ``ColumnParallelLinear``: APEX's
+    ``fused_weight_gradient_mlp_cuda``) is installed."""
+    from megatron.core.tensor_parallel import layers
+
+    return dict(
+        moe_grouped_gemm=num_experts(hf_config) > 0,
+        apply_rope_fusion=True,
+        bias_activation_fusion=True,
+        gradient_accumulation_fusion=layers._grad_accum_fusion_available,
+    )
 
 
 def layer_block_spec(config: TransformerConfig, spec: SpecName = "auto") -> TransformerBlockSubmodules:
@@ -235,14 +284,17 @@ def build_gpt_model(
 ) -> GPTModel:
     """This rank's part of a Qwen3 / Qwen3-MoE ``GPTModel`` under the current parallel state.
 
-    With no options: fp32 parameters, the spec chosen by :func:`resolve_spec_name`, pre/post
-    process from this rank's pipeline stage, vocab-parallel logits ([s, b, V/TP] -> GPTModel
-    returns [b, s, V/TP]). ``config_options`` go to :func:`transformer_config_from_hf`.
+    With no options: fp32 parameters, the spec chosen by :func:`resolve_spec_name` (with TE, the
+    settings of :func:`transformer_engine_options`), pre/post process from this rank's pipeline
+    stage, vocab-parallel logits ([s, b, V/TP] -> GPTModel returns [b, s, V/TP]).
+    ``config_options`` go to :func:`transformer_config_from_hf` (over the TE settings).
     """
     from megatron_opd.platform import compat
 
     compat.activate()
-    config = transformer_config_from_hf(hf_config, **config_options)
+    name = resolve_spec_name(spec)
+    te_options = transformer_engine_options(hf_config) if name == "te" else {}
+    config = transformer_config_from_hf(hf_config, **{**te_options, **config_options})
     tp = config.tensor_model_parallel_size
     if hf_config.vocab_size % tp:
         raise ModelConfigError(f"vocab_size={hf_config.vocab_size} is not divisible by tensor_model_parallel_size={tp}")
@@ -252,7 +304,7 @@ def build_gpt_model(
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_block_spec(config, spec),
+        transformer_layer_spec=layer_block_spec(config, name),
         vocab_size=hf_config.vocab_size,
         max_sequence_length=hf_config.max_position_embeddings,
         pre_process=pre_process,

@@ -3,8 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
+from urllib.parse import urlsplit
 
 from megatron_opd.config.errors import ConfigError, check_choice, check_positive
+
+
+def is_loopback(host: str) -> bool:
+    """``localhost`` or a loopback IP address (127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclasses.dataclass
@@ -31,8 +43,10 @@ class SGLangConfig:
     weight_sync: str = "disk"  # disk | distributed
     weight_sync_dir: str | None = None  # disk: where the HF safetensors go (shared FS for remote servers)
     weight_sync_backend: str = "nccl"  # distributed: process-group backend (gloo for CPU tests)
-    weight_sync_master_addr: str = "127.0.0.1"  # distributed: address of the trainer rank that broadcasts
-    weight_sync_master_port: int = 0  # 0: a free port
+    # distributed: where the broadcasting rank (the student's rank 0) hosts the group's TCP store;
+    # None: the address of that rank's node, which every server must reach
+    weight_sync_master_addr: str | None = None
+    weight_sync_master_port: int = 0  # 0: a free port on that node
 
 
 @dataclasses.dataclass
@@ -109,6 +123,17 @@ class RolloutConfig:
         if bad:
             raise ConfigError("rollout.sglang.urls", bad, "URLs need a scheme.", "write them as http://host:port.")
         check_positive("rollout.sglang.health_timeout_s", s.health_timeout_s)
+        if s.weight_sync == "distributed" and s.weight_sync_master_addr and is_loopback(s.weight_sync_master_addr):
+            remote = [u for u in s.urls if not is_loopback(urlsplit(u).hostname or "")]
+            if remote:
+                raise ConfigError(
+                    "rollout.sglang.weight_sync_master_addr",
+                    s.weight_sync_master_addr,
+                    f"a loopback address, but the servers {remote} are not on this node: they would look for "
+                    "the weight-update group's TCP store on their own node and wait until their timeout.",
+                    "leave it unset (null: the address of the student rank 0's node) or give an address of that "
+                    "node every server reaches.",
+                )
         check_positive("rollout.vllm.tensor_parallel_size", self.vllm.tensor_parallel_size)
         self._check_logprob_convention()
 

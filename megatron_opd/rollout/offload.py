@@ -16,10 +16,14 @@ sync itself (``resync(engine)``). Never generates on lost weights.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 import torch
 
 from megatron_opd.rollout.base import Completion, RolloutEngine, RolloutError, SamplingParams
+
+if TYPE_CHECKING:
+    from megatron_opd.rollout.sglang.weight_sync import WeightSender
 
 NamedTensors = Iterable[tuple[str, torch.Tensor]]
 
@@ -54,6 +58,12 @@ class OffloadedEngine:
     def update_weights(self, named_tensors: NamedTensors) -> None:
         self._resume_weights()
         self.engine.update_weights(named_tensors)
+        self.weights_lost = False
+
+    def update_weights_from_sender(self, sender: WeightSender) -> None:
+        """SGLang's distributed sync from another process (the engine must have the method)."""
+        self._resume_weights()
+        self.engine.update_weights_from_sender(sender)  # type: ignore[attr-defined]
         self.weights_lost = False
 
     def weights_dir(self) -> str | None:

@@ -12,10 +12,31 @@ Tensors are sent one broadcast each, in the order of the request's ``names``.
 from __future__ import annotations
 
 import datetime
+import socket
 
 import torch
 import torch.distributed as dist
 from torch.distributed import distributed_c10d as c10d
+
+
+def node_address() -> str:
+    """The IP address other nodes reach this process's node at: Ray's node address (the one ``ray
+    start --node-ip-address`` was given inside a Ray job, else that of the interface routing outward).
+    Never what the host name resolves to, which common ``/etc/hosts`` layouts map to 127.0.1.1."""
+    import ray
+
+    return ray.util.get_node_ip_address()
+
+
+def rendezvous_address(master_address: str | None, master_port: int) -> tuple[str, int]:
+    """Where this process hosts a group's TCP store: ``master_address`` (default: :func:`node_address`)
+    and ``master_port`` (0: a port free on that address now)."""
+    address = master_address or node_address()
+    if master_port:
+        return address, master_port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((address, 0))
+        return address, int(s.getsockname()[1])
 
 
 def init_weight_update_group(

@@ -198,7 +198,13 @@ def _fsync_dir(path: Path) -> None:
 
 
 # Optimizer state in model space (one tensor per parameter): loadable at any TP/PP/EP/DP layout.
-OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}
+# Memory-efficient: only DP rank 0 of each model-parallel group gathers (over Gloo, in host memory) the
+# fp32 parameters and Adam moments of its part of the model; without it every DP rank would allocate
+# them, 12 bytes per parameter of its TP/PP/EP part (about 48 GB for an 8B model at TP=2), at every save.
+OPTIMIZER_SHARDING = {
+    "distrib_optim_sharding_type": "fully_reshardable",
+    "distrib_optim_fully_reshardable_mem_efficient": True,
+}
 
 
 def _sharded_state(worker: ModelWorker, is_loading: bool) -> dict[str, Any]:
@@ -273,31 +279,36 @@ def _prepare_optimizer_for_load(optimizer: Any) -> None:
 
 
 def _fill_empty_adam_state(optimizer: Any) -> None:
-    """Give every parameter without Adam state the state torch's Adam starts from (step 0, zero moments)."""
+    """Give every parameter without Adam state the state its optimizer starts from: zero moments, and
+    for torch's Adam a zero ``step`` of its own. Transformer Engine's (and Apex's) ``FusedAdam`` keep
+    the step in the param group; TE's ``state_dict()`` maps every per-parameter key through its
+    ``name_to_dtype_map`` (``exp_avg``, ``exp_avg_sq``, ``master_param``), so a ``step`` there fails."""
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         inner = opt.optimizer
+        step_per_param = isinstance(inner, (torch.optim.Adam, torch.optim.AdamW))
         for group in inner.param_groups:
             for p in group["params"]:
                 if p not in inner.state or not inner.state[p]:
-                    inner.state[p] = {
-                        "step": torch.zeros((), dtype=torch.float32),
+                    state = {
                         "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
                         "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
                     }
+                    if step_per_param:
+                        state["step"] = torch.zeros((), dtype=torch.float32)
+                    inner.state[p] = state
 
 
 def load_training_state(worker: ModelWorker, path: str) -> None:
     """Restore what :func:`save_training_state` wrote; the checkpoint may have been written at
-    another TP/PP/EP layout (dist_checkpointing reshards)."""
-    from megatron.core import dist_checkpointing
+    another TP/PP/EP layout (dist_checkpointing reshards) and with the other spec (local or TE)."""
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
-    _prepare_optimizer_for_load(worker.optimizer)
-    from megatron_opd.convert.mcore_io import allow_checkpoint_args
+    from megatron_opd.convert.mcore_io import load_sharded, load_state_into
 
-    allow_checkpoint_args()  # the checkpoint carries Megatron-LM's args namespace
-    state = dist_checkpointing.load(_sharded_state(worker, is_loading=True), path)
-    worker._unwrapped().load_state_dict(state["model"])
+    _prepare_optimizer_for_load(worker.optimizer)
+    # A checkpoint of the other spec: Transformer Engine's `_extra_state` (of the norms) may be absent
+    state = load_sharded(_sharded_state(worker, is_loading=True), path)
+    load_state_into(worker._unwrapped(), state["model"], path)
     worker.optimizer.load_state_dict(state["optimizer"])
     worker.scheduler.load_state_dict(torch.load(Path(path) / "scheduler.pt", weights_only=False)["scheduler"])
     rng_file = Path(path) / "rng" / f"rank_{worker.rank:05d}.pt"

@@ -419,12 +419,42 @@ def rollout_metrics(samples: list[Sample]) -> dict[str, float]:
     return metrics
 
 
+@dataclasses.dataclass(frozen=True)
+class StudentWeightSender:
+    """The student group as the sender of SGLang's distributed weight sync
+    (:class:`~megatron_opd.rollout.sglang.weight_sync.WeightSender`): its rank 0 hosts the
+    weight-update group's TCP store on its node and broadcasts; every rank takes part in gathering
+    the tensors. Equal for the same group (the engine keeps the weight-update group across syncs)."""
+
+    student: WorkerGroup
+
+    def rendezvous(self, master_address: str | None, master_port: int) -> tuple[str, int]:
+        return self.student.call_now("weight_sync_rendezvous", master_address, master_port)[0]
+
+    def join(self, address: str, port: int, world_size: int, group_name: str, backend: str, timeout_s: float) -> None:
+        self.student.call_now("join_weight_sync", address, port, world_size, group_name, backend, timeout_s)
+
+    def tensor_specs(self) -> list[Any]:
+        return self.student.call_now("weight_specs")[0]
+
+    def send(self, group_name: str, bucket_bytes: int) -> int:
+        return self.student.call("broadcast_weights", group_name, bucket_bytes)[0]
+
+    def leave(self, group_name: str) -> None:
+        self.student.call_now("leave_weight_sync", group_name)
+
+
 def sync_weights(cfg: OPDConfig, student: WorkerGroup, engine: RolloutEngine) -> None:
     """Student weights (HF naming, gathered from all TP/PP/EP shards) into the rollout engine.
 
+    SGLang's distributed sync: student rank 0 broadcasts them to the servers over a process group it
+    hosts on its node (:class:`StudentWeightSender`); the driver only announces them over HTTP.
     When the engine takes a directory (SGLang's disk sync), rank 0 of the student writes the HF
     safetensors there itself, streaming; that needs the directory on its host: the driver's, or a
     shared ``rollout.sglang.weight_sync_dir``. Otherwise the whole model comes to the driver."""
+    if cfg.rollout.engine == "sglang" and cfg.rollout.sglang.weight_sync == "distributed":
+        engine.update_weights_from_sender(StudentWeightSender(student))  # type: ignore[attr-defined]
+        return
     shared = cfg.rollout.sglang.weight_sync_dir is not None or student.ranks[0].hostname == socket.gethostname()
     out = engine.weights_dir() if shared else None
     if out is None:

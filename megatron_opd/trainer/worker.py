@@ -71,20 +71,28 @@ def resolve_dtype(name: str) -> torch.dtype:
 
 class ModelWorker:
     def __init__(self, spec: WorkerSpec, rank: int, world_size: int) -> None:
+        # Megatron's TP/SP communication overlap needs kernels issued in order: one hardware queue.
+        # Set here, before this process creates its CUDA context, not for the whole job (rollout
+        # servers would lose the overlap of their own kernels).
+        os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
         self.spec, self.rank, self.world_size = spec, rank, world_size
         self.model: Any = None
         self.optimizer: Any = None
         self.scheduler: Any = None
         self.objective: Any = None
         self.hf_config: Any = None
+        self._host_params: list[torch.nn.Parameter] = []  # offloaded parameters outside the DDP buffers
+        self._weight_groups: dict[str, Any] = {}  # rank 0: SGLang weight-update groups it broadcasts to
 
     # ---- setup ----
 
     def rendezvous(self) -> tuple[str, int]:
-        """This node's address and a free port, for rank 0 to host the group's store."""
+        """This node's address (the one other nodes reach it at) and a free port, for rank 0 to host
+        the group's store."""
         from megatron_opd.platform.distributed import free_port
+        from megatron_opd.rollout.weight_group import node_address
 
-        addr = socket.gethostbyname(socket.gethostname()) if torch.cuda.is_available() else "127.0.0.1"
+        addr = node_address() if torch.cuda.is_available() else "127.0.0.1"
         return addr, free_port()
 
     def setup(self, master_addr: str, master_port: int) -> RankInfo:
@@ -306,6 +314,56 @@ class ModelWorker:
         cpu = ((n, t.detach().cpu()) for n, t in pairs)
         return save_hf_checkpoint(cpu, out_dir, self.hf_config, tokenizer_dir=tokenizer_dir, overwrite=True)
 
+    # SGLang's distributed weight sync (the driver's StudentWeightSender): rank 0 hosts the group's
+    # TCP store and broadcasts; every rank takes part in gathering the tensors
+
+    def weight_sync_rendezvous(self, master_address: str | None, master_port: int) -> tuple[str, int] | None:
+        """Rank 0: where it will host the weight-update group's TCP store (default: this node's address)."""
+        from megatron_opd.rollout.weight_group import rendezvous_address
+
+        return rendezvous_address(master_address, master_port) if self.rank == 0 else None
+
+    def join_weight_sync(
+        self, address: str, port: int, world_size: int, group_name: str, backend: str, timeout_s: float
+    ) -> None:
+        """Rank 0 joins the weight-update group as its rank 0 (returns once every server joined)."""
+        from megatron_opd.rollout.weight_group import init_weight_update_group
+
+        if self.rank == 0:
+            self._weight_groups[group_name] = (
+                init_weight_update_group(address, port, 0, world_size, group_name, backend, timeout_s),
+                backend,
+            )
+
+    def weight_specs(self) -> list[Any] | None:
+        """Rank 0: name, dtype and shape of every HF tensor :meth:`broadcast_weights` sends, in order."""
+        from megatron_opd.convert.export import hf_tensor_specs
+        from megatron_opd.rollout.sglang.weight_sync import TensorSpec
+        from megatron_opd.rollout.weight_group import dtype_name
+
+        specs = hf_tensor_specs(self._unwrapped(), self.hf_config)
+        return [TensorSpec(n, dtype_name(d), shape) for n, d, shape in specs] if self.rank == 0 else None
+
+    def broadcast_weights(self, group_name: str, bucket_bytes: int) -> int | None:
+        """The full model in HF naming, gathered from every rank to rank 0, which broadcasts each
+        tensor over the weight-update group (a bucket at a time). Rank 0: the number sent."""
+        from megatron_opd.convert.export import iter_hf_tensors
+        from megatron_opd.rollout.sglang.weight_sync import broadcast_tensors, group_device
+
+        tensors = iter_hf_tensors(self._unwrapped(), self.hf_config)
+        if self.rank != 0:
+            for _ in tensors:
+                pass
+            return None
+        group, backend = self._weight_groups[group_name]
+        return broadcast_tensors(tensors, group, group_device(backend), bucket_bytes)
+
+    def leave_weight_sync(self, group_name: str) -> None:
+        from megatron_opd.rollout.weight_group import destroy_weight_update_group
+
+        if group_name in self._weight_groups:
+            destroy_weight_update_group(self._weight_groups.pop(group_name)[0])
+
     def save_checkpoint(self, path: str, iteration: int) -> None:
         from megatron_opd.trainer.checkpoint import save_training_state
 
@@ -318,14 +376,22 @@ class ModelWorker:
 
     def offload(self) -> None:
         """Free this rank's GPU memory while another colocated group runs: the student's DDP
-        param/grad buffers and optimizer state go to CPU (megatron's RL offload hooks), a frozen
-        model's parameters too. No-op without CUDA."""
+        param/grad buffers and optimizer state go to CPU (megatron's RL offload hooks), and so do
+        parameters the buffers do not hold (without the distributed optimizer they keep no
+        ``param_data``); a frozen model's parameters too. No-op without CUDA.
+
+        fp32 parameters with the distributed optimizer cannot be offloaded (its fp32 shards are views of
+        the buffer whose storage goes first): the config refuses them (``OPDConfig.validate``)."""
         if not torch.cuda.is_available():
             return
         if self.optimizer is not None:
-            for buffer in self.model.buffers + self.model.expert_parallel_buffers:
+            buffers = self.model.buffers + self.model.expert_parallel_buffers
+            for buffer in buffers:
                 buffer.offload_to_cpu(move_params=True, move_grads=True)
             self.optimizer.offload_to_cpu()
+            self._host_params = [p for b in buffers if b.param_data is None for p in b.params]
+            for p in self._host_params:
+                p.data = p.data.cpu().pin_memory()
         else:
             self.model.cpu()
         torch.cuda.empty_cache()
@@ -337,6 +403,9 @@ class ModelWorker:
             for buffer in self.model.buffers + self.model.expert_parallel_buffers:
                 buffer.reload_from_cpu(move_params=True, move_grads=True)
             self.optimizer.restore_from_cpu()
+            for p in self._host_params:
+                p.data = p.data.cuda(non_blocking=True)
+            self._host_params = []
         else:
             self.model.cuda()
 

@@ -97,7 +97,15 @@ class Residency:
 
 # Worker methods that need the model's state on the device.
 MODEL_METHODS = frozenset(
-    {"score", "train_step", "export_hf_tensors", "save_hf_weights", "save_checkpoint", "load_checkpoint"}
+    {
+        "score",
+        "train_step",
+        "export_hf_tensors",
+        "save_hf_weights",
+        "broadcast_weights",
+        "save_checkpoint",
+        "load_checkpoint",
+    }
 )
 
 

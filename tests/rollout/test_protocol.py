@@ -7,7 +7,7 @@ import torch
 
 from megatron_opd.rollout.base import SamplingParams
 from megatron_opd.rollout.sglang import protocol
-from megatron_opd.rollout.sglang.weight_sync import DistributedWeightSync, buckets
+from megatron_opd.rollout.sglang.weight_sync import DistributedWeightSync, LocalWeightSender, buckets
 
 # field names of SGLang's request structs (managers/io_struct.py) the project sends
 UPDATE_FROM_DISK_FIELDS = {"model_path", "load_format", "abort_all_requests", "weight_version"}
@@ -79,10 +79,8 @@ def test_sampling_params_defaults_follow_sglang() -> None:
 
 def test_weight_update_bodies() -> None:
     assert set(protocol.update_weights_from_disk_body("/w", "3")) == UPDATE_FROM_DISK_FIELDS
-    sync = DistributedWeightSync(
-        ["http://a:1", "http://b:2"], [2, 4], post=lambda *a: {}, master_address="10.0.0.1", master_port=29600
-    )
-    bodies = sync.init_bodies()
+    sync = DistributedWeightSync(["http://a:1", "http://b:2"], [2, 4], post=lambda *a: {}, sender=LocalWeightSender())
+    bodies = sync.init_bodies("10.0.0.1", 29600)
     assert [b["rank_offset"] for b in bodies] == [1, 3] and {b["world_size"] for b in bodies} == {7}
     assert all(
         set(b) == INIT_GROUP_FIELDS and b["backend"] == "nccl" and b["group_name"] == "weight_update_group"

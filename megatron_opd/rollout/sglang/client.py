@@ -31,7 +31,8 @@ SGLang's 20 s: probes wait ``sglang.health_timeout_s``.
 Weights. ``update_weights`` writes HF safetensors and calls ``/update_weights_from_disk`` on every
 server (``sglang.weight_sync=disk``), or broadcasts over a process group announced with
 ``/init_weights_update_group`` + ``/update_weights_from_distributed`` inside a
-``/begin_weight_update`` ... ``/end_weight_update`` session (``distributed``). An
+``/begin_weight_update`` ... ``/end_weight_update`` session (``distributed``): from this process, or
+with ``update_weights_from_sender`` from another (the trainer's student rank 0). An
 attached server that misses an update is retired for good (it would serve stale weights). With disk
 sync the latest weights directory is kept while servers are launched here, so a restarted server
 comes up on it; with distributed sync a restarted server holds the base weights, serves nothing
@@ -59,8 +60,8 @@ from megatron_opd.rollout.base import MEMORY_TAGS, Completion, RolloutError, Sam
 from megatron_opd.rollout.config import RolloutConfig
 from megatron_opd.rollout.disk_sync import new_weights_dir, write_hf_weights
 from megatron_opd.rollout.sglang import protocol
-from megatron_opd.rollout.sglang.launcher import ServerProcesses, check_gpus, find_free_ports, sglang_server_commands
-from megatron_opd.rollout.sglang.weight_sync import DistributedWeightSync
+from megatron_opd.rollout.sglang.launcher import ServerProcesses, check_gpus, sglang_server_commands
+from megatron_opd.rollout.sglang.weight_sync import DistributedWeightSync, LocalWeightSender, WeightSender
 
 logger = logging.getLogger(__name__)
 
@@ -201,6 +202,7 @@ class SGLangEngine:
         self.weight_version = 0
         self._rng = np.random.default_rng(cfg.seed)
         self._dist: DistributedWeightSync | None = None
+        self._local_sender = LocalWeightSender()  # update_weights with distributed sync: this process sends
         self._weights_dir: Path | None = None  # disk sync, launched servers: the latest weights (restarts load it)
         self._restart_threads: list[threading.Thread] = []
         urls = [sv.url for sv in self.servers]
@@ -441,7 +443,11 @@ class SGLangEngine:
         Restarts in progress are waited for first (they load the latest weights)."""
         out = self.weights_dir()
         if out is None:
-            self._update(lambda version, servers: self._update_distributed(named_tensors, version, servers))
+            self._local_sender.set_tensors(named_tensors)
+            try:
+                self.update_weights_from_sender(self._local_sender)
+            finally:
+                self._local_sender.set_tensors([])
             return
         write_hf_weights(named_tensors, out, self.model_dir)
         self.update_weights_from_dir(out)
@@ -511,31 +517,36 @@ class SGLangEngine:
                 errors[sv] = str(e)
         return errors
 
-    def _update_distributed(
-        self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: str, servers: list[Server]
-    ) -> None:
-        """Broadcast over the group of ``servers``; a group whose members changed (a server dropped,
-        or restarted and so out of the old group) is rebuilt first."""
+    def update_weights_from_sender(self, sender: WeightSender) -> None:
+        """Distributed sync with ``sender`` as rank 0 of the group: it hosts the group's TCP store on
+        its node and broadcasts its tensors, this process announces them to the servers."""
+        self._update(lambda version, servers: self._update_distributed(sender, version, servers))
+
+    def _update_distributed(self, sender: WeightSender, version: str, servers: list[Server]) -> None:
+        """Broadcast over the group of ``sender`` and ``servers``; a group whose members changed (a
+        server dropped, or restarted and so out of the old group; another sender) is rebuilt first."""
         s = self.cfg.sglang
         urls = [sv.url for sv in servers]
-        if self._dist is not None and (self._dist.urls != urls or any(sv.stale for sv in servers)):
+        if self._dist is not None and (
+            self._dist.urls != urls or self._dist.sender != sender or any(sv.stale for sv in servers)
+        ):
             logger.warning("rebuilding the weight update group over %s", urls)
             self._destroy_group()
         if self._dist is None:
-            port = s.weight_sync_master_port or find_free_ports(s.weight_sync_master_addr, 0, 1)[0]
             self._dist = DistributedWeightSync(
                 urls,
                 [self.gpus_per_server[self.servers.index(sv)] for sv in servers],
                 post_json,
+                sender,
                 master_address=s.weight_sync_master_addr,
-                master_port=port,
+                master_port=s.weight_sync_master_port,
                 backend=s.weight_sync_backend,
                 bucket_mb=self.cfg.weight_sync_bucket_mb,
                 timeout_s=self.cfg.request_timeout_s,
             )
         self._post_checked(servers, "/begin_weight_update", protocol.begin_weight_update_body(), version)
         try:
-            self._dist.update(named_tensors, version)
+            self._dist.update(version)
         finally:
             self._post_checked(servers, "/end_weight_update", {}, version)
 

@@ -360,8 +360,8 @@ def score(samples: list[Sample], groups: Groups, needs: Any, metrics_top_k: int 
     """Fill the per-token scores the objective asks for (nothing more):
     ℓ_old and the student top-K (student group), ℓ_T and the teacher top-K or the teacher's
     log-probs at the student top-K (each sample's own teacher), ℓ_R (its reference).
-    ``metrics_top_k``: objectives without a support still get the teacher's top-K of this size
-    (a few numbers per token) for the teacher/student top-K overlap metric."""
+    The teacher's own top-K comes too: the support, or (student top-K support; objectives without a
+    support, at ``metrics_top_k``, a few numbers per token) for the top-K overlap metric."""
     student_topk = needs.support == "student_topk"
     if needs.old_logp or student_topk:
         got = _score_group(groups.student, samples, top_k=needs.top_k if student_topk else 0)
@@ -378,7 +378,7 @@ def score(samples: list[Sample], groups: Groups, needs: Any, metrics_top_k: int 
         got = _score_group(
             groups.teachers[name],
             subset,
-            top_k=needs.top_k if needs.support == "teacher_topk" else (0 if needs.support else metrics_top_k),
+            top_k=needs.top_k if needs.support else metrics_top_k,
             ids_field="student_topk_ids" if student_topk else None,
         )
         for s in subset:

@@ -77,7 +77,9 @@ def test_student_topk_support_round_trip() -> None:
     driver.score(samples, groups, Requirements(teacher_logp=True, support="student_topk", top_k=3), metrics_top_k=5)
     assert student.calls[0]["top_k"] == 3  # the student's top-K first ...
     assert teacher.calls[0]["ids_field"] == "student_topk_ids"  # ... then the teacher scores at those ids
+    assert teacher.calls[0]["top_k"] == 3  # and gives its own top-K, for the overlap metric
     assert all(s.teacher_ids_logp is not None and s.student_topk_ids is not None for s in samples)
+    assert all(s.teacher_topk_ids.shape == (s.response_len, 3) for s in samples)
 
 
 class RecordingGroup:

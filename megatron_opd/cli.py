@@ -14,6 +14,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("megatron_opd.bench.cli", "benchmarks: kernels | objectives"),
     "plot": ("megatron_opd.trainer.plot", "write PNG curves of a run's metrics.jsonl"),
     "check": ("megatron_opd.config.check", "validate a config without starting anything"),
+    "compare": ("megatron_opd.compare.cli", "train every objective on one task, seeds alike: table + curves"),
 }
 
 

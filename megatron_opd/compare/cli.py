@@ -18,20 +18,13 @@ from megatron_opd.config.schema import model_hf_dir
 from megatron_opd.objectives.config import OBJECTIVE_NAMES
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text}: must be >= 1")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="opd compare", description=__doc__)
     parser.add_argument("config", help="the run config every objective trains with, e.g. configs/demo/cpu.yaml")
     parser.add_argument("overrides", nargs="*", help="key=value overrides applied to every run")
     parser.add_argument("--objectives", type=list_arg(OBJECTIVE_NAMES), default=list(OBJECTIVE_NAMES))
-    parser.add_argument("--seeds", type=_positive, default=3, help="seeds per objective: seed, seed+1, ... (config)")
-    parser.add_argument("--top-k", type=_positive, default=8, help="support size K of aopd, lsm and gkd")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per objective: seed, seed+1, ... (config)")
+    parser.add_argument("--top-k", type=int, default=8, help="support size K of aopd, lsm and gkd")
     parser.add_argument("--out", default="runs/compare", help="run directories and default outputs")
     parser.add_argument("--json", default=None, help="results JSON (default OUT/results.json)")
     parser.add_argument("--markdown", default=None, help="table (default OUT/results.md)")
@@ -42,7 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     from megatron_opd.compare import report, runs
 
-    args = build_parser().parse_intermixed_args(argv)
+    parser = build_parser()
+    args = parser.parse_intermixed_args(argv)
+    if args.seeds < 1 or args.top_k < 1:
+        parser.error(f"--seeds {args.seeds} and --top-k {args.top_k} must both be >= 1")
     out = Path(args.out)
     started = time.time()
     load_start = os.getloadavg()

@@ -40,6 +40,19 @@ def test_every_objective_is_planned_and_validates(demo_assets: object, tmp_path:
         )
 
 
+def test_bad_arguments_are_named(demo_assets: object, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from megatron_opd.compare.cli import main
+
+    for bad in (["--seeds", "0"], ["--objectives", "opd,ppo"], ["--top-k", "-1"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main([DEMO, *bad, "--out", str(tmp_path)])
+        assert exit_info.value.code == 2
+    assert main([DEMO, "eval.files=[]", "--out", str(tmp_path)]) == 2
+    assert "eval.files" in capsys.readouterr().err
+    assert main([DEMO, "--objectives", "aopd", "--top-k", "57", "--out", str(tmp_path)]) == 2  # K > vocab 56
+    assert "objective.top_k" in capsys.readouterr().err and not any(tmp_path.iterdir())
+
+
 @pytest.mark.slow
 def test_reduced_comparison(demo_assets: object, tmp_path: Path) -> None:
     out = tmp_path / "cmp"

@@ -15,6 +15,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "plot": ("megatron_opd.trainer.plot", "write PNG curves of a run's metrics.jsonl"),
     "check": ("megatron_opd.config.check", "validate a config without starting anything"),
     "selftest": ("megatron_opd.selftest.cli", "check this node before a long job: versions, kernels, models, NCCL"),
+    "compare": ("megatron_opd.compare.cli", "train every objective on one task, seeds alike: table + curves"),
 }
 
 

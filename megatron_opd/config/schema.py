@@ -224,11 +224,11 @@ class OPDConfig:
         """Check every section and their cross-constraints; returns the HF configs by group
         (``student``, ``teachers[name]``). Reads only ``config.json`` files."""
         hf = {"student": self.student.validate("student")}
-        if self.objective.name != "sft" and not self.teachers:
+        if not self.teachers:
             raise ConfigError(
                 "teachers",
                 [],
-                f"objective {self.objective.name!r} needs a teacher.",
+                f"objective {self.objective.name!r} needs a teacher (sft: the teacher writes the responses).",
                 "add teachers: [{name: ..., path: ...}].",
             )
         names = [t.name for t in self.teachers]

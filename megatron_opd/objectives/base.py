@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import math
 from collections.abc import Sequence
 
 import torch
@@ -31,7 +32,7 @@ from megatron_opd.kernels import TokenLogprobs, token_logprobs, topk_logprobs
 from megatron_opd.objectives.aggregation import aggregate
 from megatron_opd.objectives.config import ObjectiveConfig
 from megatron_opd.objectives.metrics import Metrics, masked_metric
-from megatron_opd.objectives.reference import policy_gradient_token_loss
+from megatron_opd.objectives.reference import LOG_RATIO_BOUND, policy_gradient_token_loss
 from megatron_opd.objectives.rollout_correction import mismatch_metrics, rejection_keep, token_is_weights
 
 
@@ -51,6 +52,7 @@ class TokenBatch:
     support_ids: Tensor | None = None  # [N, K] int64 support ids (teacher top-K, or student top-K for LSM)
     support_teacher_logp: Tensor | None = None  # [N, K] teacher's full-vocab log-probs at support_ids
     support_valid: Tensor | None = None  # [N, K] bool, False on padded/duplicate entries
+    teacher_topk_ids: Tensor | None = None  # [N, K] the teacher's own top-K ids (overlap metric), if not support_ids
     teacher_index: Tensor | None = None  # [N] int64 index into the objective's teacher_names
     outcome_reward: Tensor | None = None  # [N] the trajectory's outcome reward (accuracy-filtered AOPD)
     tp_group: ProcessGroup | None = None  # the student's tensor-parallel group (None: TP = 1)
@@ -211,6 +213,7 @@ class Objective(abc.ABC):
             is_weight=is_weight,
         )
         per_token = self.token_losses(b, s, metrics)
+        self._support_metrics(s, metrics)
         weights = torch.where(keep, b.token_weight, torch.zeros_like(b.token_weight))
         metrics["objective/token_loss"] = masked_metric(per_token, keep)
         if self.on_policy and b.teacher_logp is not None:
@@ -252,15 +255,19 @@ class Objective(abc.ABC):
         return s.logp.detach()
 
     def policy_gradient_loss(self, advantage: Tensor, b: TokenBatch, s: StudentScores, metrics: Metrics) -> Tensor:
-        """§1 ``−A_t ℓ_S`` (or PPO-clip with ``r = exp(ℓ_S − ℓ_old)``) times the rollout-correction weight."""
+        """§1 ``−A_t ℓ_S`` (or PPO-clip with ``r = exp(ℓ_S − ℓ_old)`` and verl's dual clip ``clip_ratio_c``)
+        times the rollout-correction weight."""
         if not self.ppo_clip:
             return s.is_weight * policy_gradient_token_loss(s.logp, advantage)
         old = require(b.old_logp, "old_logp", "the PPO-clip loss (mini_batches_per_step > 1)")
-        eps = self.cfg.clip_ratio
-        loss = policy_gradient_token_loss(s.logp, advantage, old, eps)
-        ratio = torch.exp(s.logp.detach() - old)
-        clipped = -advantage * ratio.clamp(1 - eps, 1 + eps) > -advantage * ratio
-        metrics["ppo/clip_frac"] = masked_metric(clipped.double(), s.keep)
+        eps, cap = self.cfg.clip_ratio, self.cfg.clip_ratio_c
+        loss = policy_gradient_token_loss(s.logp, advantage, old, eps, cap)
+        ratio = torch.exp((s.logp.detach() - old).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND))
+        unclipped, clipped = -advantage * ratio, -advantage * ratio.clamp(1 - eps, 1 + eps)
+        metrics["ppo/clip_frac"] = masked_metric((clipped > unclipped).double(), s.keep)
+        if cap is not None:
+            capped = (advantage < 0) & (torch.maximum(unclipped, clipped) > -advantage * cap)
+            metrics["ppo/clip_frac_lower"] = masked_metric(capped.double(), s.keep)
         return s.is_weight * loss
 
     def record(self, metrics: Metrics, name: str, values: Tensor, keep: Tensor, b: TokenBatch) -> None:
@@ -271,16 +278,33 @@ class Objective(abc.ABC):
             for i, teacher in enumerate(self.teacher_names):
                 metrics[f"{name}/{teacher}"] = masked_metric(values, keep & (index == i))
 
-    def _overlap_metric(self, b: TokenBatch, keep: Tensor, metrics: Metrics) -> None:
-        """``support/topk_overlap``: share of the teacher top-K that is in the student's top-K."""
-        if b.support_ids is None or self.support_kind() == "student_topk":
+    def _support_metrics(self, s: StudentScores, metrics: Metrics) -> None:
+        """``support/teacher_mass`` and ``support/student_mass``: ``Σ_{v∈K_t} p(v)`` of each model's
+        full-vocabulary distribution on the support the objective uses (before renormalization)."""
+        if s.support_logp is None or s.support_teacher_logp is None or s.support_valid is None:
             return
-        k = b.support_ids.shape[1]
+        rows = s.keep & s.support_valid.any(-1)
+        for name, logp in (("teacher", s.support_teacher_logp), ("student", s.support_logp.detach())):
+            on_support = torch.where(
+                s.support_valid, logp.double(), torch.full_like(logp, -math.inf, dtype=torch.float64)
+            )
+            metrics[f"support/{name}_mass"] = masked_metric(on_support.logsumexp(-1).exp(), rows)
+
+    def _overlap_metric(self, b: TokenBatch, keep: Tensor, metrics: Metrics) -> None:
+        """``support/topk_overlap``: share of the teacher top-K that is in the student's top-K (same K)."""
+        if b.teacher_topk_ids is not None:
+            teacher_ids, valid = b.teacher_topk_ids, b.teacher_topk_ids >= 0
+        elif b.support_ids is not None and self.support_kind() != "student_topk":
+            teacher_ids, valid = b.support_ids, b.support_ids >= 0
+            if b.support_valid is not None:
+                valid = valid & b.support_valid.bool()
+        else:
+            return
+        k = teacher_ids.shape[1]
         student_ids, _ = topk_logprobs(
             b.logits.detach(), k, temperature=self.temperature, tp_group=b.tp_group, vocab_start=b.vocab_start
         )
-        valid = (b.support_ids >= 0) if b.support_valid is None else b.support_valid.bool() & (b.support_ids >= 0)
-        hit = (b.support_ids[:, :, None] == student_ids[:, None, :]).any(-1) & valid
+        hit = (teacher_ids[:, :, None] == student_ids[:, None, :]).any(-1) & valid
         share = hit.sum(-1).double() / valid.sum(-1).clamp(min=1).double()
         metrics["support/topk_overlap"] = masked_metric(share, keep & valid.any(-1))
 

@@ -44,6 +44,7 @@ class ObjectiveConfig:
     # §1 policy-gradient form: auto = PPO-clip when trainer.mini_batches_per_step > 1, else REINFORCE.
     policy_loss: str = "auto"  # auto | reinforce | ppo_clip
     clip_ratio: float = 0.2
+    clip_ratio_c: float | None = 3.0  # dual clip (verl): PPO loss of tokens with A < 0 capped at −A·c; None: off
     advantage_logp: str = "student"  # student | old (ℓ_old inside the advantage, the G-OPD reference code)
     # Aggregation over the global batch.
     loss_agg_mode: str = "token-mean"  # token-mean | seq-mean-token-mean
@@ -166,6 +167,13 @@ class ObjectiveConfig:
         check_choice("objective.policy_loss", self.policy_loss, ("auto", "reinforce", "ppo_clip"))
         if not 0.0 < self.clip_ratio < 1.0:
             raise ConfigError("objective.clip_ratio", self.clip_ratio, "must lie in (0, 1).", "PPO's usual is 0.2.")
+        if self.clip_ratio_c is not None and not self.clip_ratio_c > 1.0:
+            raise ConfigError(
+                "objective.clip_ratio_c",
+                self.clip_ratio_c,
+                "the dual-clip bound on the ratio of tokens with A < 0 must be > 1.",
+                "verl's default is 3.0; null turns the dual clip off.",
+            )
         check_choice("objective.advantage_logp", self.advantage_logp, ("student", "old"))
 
     def validate_vocab(self, vocab_size: int) -> None:

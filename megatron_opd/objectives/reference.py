@@ -40,16 +40,29 @@ def gopd_advantage(student_logp: Tensor, teacher_logp: Tensor, ref_logp: Tensor 
     return advantage.detach()
 
 
+# verl clamps every log-ratio to ±20 before ``exp`` (exp(20) ≈ 4.9e8): the PPO ratio and the rollout
+# correction weight (§6) alike.
+LOG_RATIO_BOUND = 20.0
+
+
 def policy_gradient_token_loss(
-    student_logp: Tensor, advantage: Tensor, old_logp: Tensor | None = None, clip_ratio: float | None = None
+    student_logp: Tensor,
+    advantage: Tensor,
+    old_logp: Tensor | None = None,
+    clip_ratio: float | None = None,
+    clip_ratio_c: float | None = None,
 ) -> Tensor:
     """§1: REINFORCE ``−A_t ℓ_S(t)``; with ``old_logp`` and ``clip_ratio`` the PPO-clip form
-    ``max(−A r, −A clip(r, 1−ε, 1+ε))``, ``r = exp(ℓ_S − ℓ_old)``."""
+    ``max(−A r, −A clip(r, 1−ε, 1+ε))``, ``r = exp(clamp(ℓ_S − ℓ_old, ±20))``, and with ``clip_ratio_c``
+    verl's dual clip: ``min(that, −A c)`` where ``A < 0``."""
     if old_logp is None or clip_ratio is None:
         return -advantage * student_logp
-    ratio = torch.exp(student_logp - old_logp)
+    ratio = torch.exp((student_logp - old_logp).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND))
     clipped = ratio.clamp(1.0 - clip_ratio, 1.0 + clip_ratio)
-    return torch.maximum(-advantage * ratio, -advantage * clipped)
+    loss = torch.maximum(-advantage * ratio, -advantage * clipped)
+    if clip_ratio_c is None:
+        return loss
+    return torch.where(advantage < 0, torch.minimum(loss, -advantage * clip_ratio_c), loss)
 
 
 def opd_token_loss(

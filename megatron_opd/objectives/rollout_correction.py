@@ -1,8 +1,8 @@
 """Token-level rollout correction (OBJECTIVES.md §6; Liu et al. 2025, "When speed kills stability").
 
 The rollout engine's log-probs ``ℓ_roll`` differ from the trainer's ``ℓ_old`` on the same weights.
-``rollout_is: token`` multiplies each policy-gradient token loss by ``w_t = sg(min(exp(ℓ_old − ℓ_roll), C))``;
-``rollout_rs`` rejects (masks) tokens or whole sequences whose ratio leaves ``[lower, upper]``
+``rollout_is: token`` multiplies each policy-gradient token loss by ``w_t = sg(min(exp(ℓ_old − ℓ_roll), C))``
+(the log-ratio clamped to ±20 before ``exp``, as verl does); ``rollout_rs`` rejects (masks) tokens or whole sequences whose ratio leaves ``[lower, upper]``
 (sequence ratio ``exp Σ_t (ℓ_old − ℓ_roll)``). Ratios are compared in log space, so nothing overflows.
 """
 
@@ -15,11 +15,13 @@ from torch import Tensor
 
 from megatron_opd.objectives.aggregation import per_sequence_sum
 from megatron_opd.objectives.metrics import Metrics, masked_metric
+from megatron_opd.objectives.reference import LOG_RATIO_BOUND
 
 
 def token_is_weights(old_logp: Tensor, rollout_logp: Tensor, threshold: float) -> Tensor:
-    """``w_t = sg(min(exp(ℓ_old − ℓ_roll), C))`` [N]."""
-    return torch.exp((old_logp - rollout_logp).detach().clamp(max=math.log(threshold)))
+    """``w_t = sg(min(exp(clamp(ℓ_old − ℓ_roll, ±20)), C))`` [N] (verl's log-ratio bound before ``exp``)."""
+    upper = min(math.log(threshold), LOG_RATIO_BOUND)
+    return torch.exp((old_logp - rollout_logp).detach().clamp(min=-LOG_RATIO_BOUND, max=upper))
 
 
 def rejection_keep(

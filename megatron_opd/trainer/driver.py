@@ -135,6 +135,11 @@ def run_training(cfg: OPDConfig) -> dict[str, Any]:
     ensure_ray()
     groups = build_groups(cfg, tokenizer, worker_objective, needs)
     engine = build_engine(cfg.rollout, model_hf_dir(cfg.student.path), tokenizer=tokenizer)
+    # SFT / SeqKD (OBJECTIVES §7) learns from the teachers' responses: they write them, the student's engine
+    # only evaluates.
+    writers = None
+    if not objective.on_policy:
+        writers = {t.name: build_engine(cfg.rollout, model_hf_dir(t.path), tokenizer=tokenizer) for t in cfg.teachers}
     if cfg.rollout.offload_when_idle:  # the engine frees its GPU memory after each rollout
         engine = OffloadedEngine(engine, lambda e: sync_weights(cfg, groups.student, e))
     metrics_log = MetricsLogger(run_dir, cfg.logging, json.loads(json.dumps(dataclasses.asdict(cfg), default=str)))
@@ -156,7 +161,7 @@ def run_training(cfg: OPDConfig) -> dict[str, Any]:
         for step in range(state["step"] + 1, total + 1):
             if stop:  # signalled during start-up or while saving: nothing of this step ran yet
                 break
-            metrics = train_one_step(cfg, step, loader, engine, groups, needs, tokenizer)
+            metrics = train_one_step(cfg, step, loader, engine, groups, needs, tokenizer, writers)
             if metrics.pop("skipped_nonfinite", False):
                 state["bad_steps"] += 1
                 if state["bad_steps"] > cfg.trainer.max_bad_steps:
@@ -196,6 +201,8 @@ def run_training(cfg: OPDConfig) -> dict[str, Any]:
     finally:
         metrics_log.close()
         engine.shutdown()
+        for writer in (writers or {}).values():
+            writer.shutdown()
         for g in groups.all():
             g.shutdown()
 
@@ -275,11 +282,12 @@ def train_one_step(
     groups: Groups,
     needs: Any,
     tokenizer: Any,
+    writers: dict[str, RolloutEngine] | None = None,
 ) -> dict[str, Any]:
     timer = PhaseTimer()
     with timer("rollout"):
         prompts = loader.next_batch()
-        samples = rollout(cfg, step, prompts, engine, tokenizer)
+        samples = rollout(cfg, step, prompts, engine, tokenizer, writers)
         if cfg.rollout.offload_when_idle:
             engine.release_memory()  # until the weight sync (weights) and the next rollout (KV cache)
     fault_point("rollout", step, groups.all())
@@ -310,9 +318,16 @@ def train_one_step(
     return metrics
 
 
-def rollout(cfg: OPDConfig, step: int, prompts: list[Any], engine: RolloutEngine, tokenizer: Any) -> list[Sample]:
-    """``rollout.n`` samples per prompt from the engine; outcome rewards for metrics (and AOPD's
-    accuracy filter)."""
+def rollout(
+    cfg: OPDConfig,
+    step: int,
+    prompts: list[Any],
+    engine: RolloutEngine,
+    tokenizer: Any,
+    writers: dict[str, RolloutEngine] | None = None,
+) -> list[Sample]:
+    """``rollout.n`` samples per prompt from the engine, or with ``writers`` (SeqKD) from each prompt's own
+    teacher's engine; outcome rewards for metrics (and AOPD's accuracy filter)."""
     from megatron_opd.rewards import compute_score
 
     r = cfg.rollout
@@ -326,10 +341,20 @@ def rollout(cfg: OPDConfig, step: int, prompts: list[Any], engine: RolloutEngine
         seed=cfg.seed * 1_000_003 + step,
     )
     expanded = [p for p in prompts for _ in range(r.n)]
-    completions = engine.generate([p.prompt_ids for p in expanded], sampling)
     default_teacher = cfg.teachers[0].name if len(cfg.teachers) == 1 else None
+    routed = [p.teacher or default_teacher or "" for p in expanded]
+    if writers is None:
+        completions = engine.generate([p.prompt_ids for p in expanded], sampling)
+    else:
+        completions = [None] * len(expanded)
+        for name in dict.fromkeys(routed):
+            if name not in writers:
+                raise KeyError(f"sample routed to unknown teacher {name!r}; configured: {sorted(writers)}")
+            rows = [i for i, t in enumerate(routed) if t == name]
+            for i, c in zip(rows, writers[name].generate([expanded[i].prompt_ids for i in rows], sampling)):
+                completions[i] = c
     samples = []
-    for uid, (p, c) in enumerate(zip(expanded, completions)):
+    for uid, (p, c, teacher) in enumerate(zip(expanded, completions, routed)):
         text = tokenizer.decode(c.token_ids, skip_special_tokens=True)
         samples.append(
             Sample(
@@ -338,7 +363,7 @@ def rollout(cfg: OPDConfig, step: int, prompts: list[Any], engine: RolloutEngine
                 response_ids=list(c.token_ids),
                 rollout_logprobs=list(c.logprobs),
                 finish_reason=c.finish_reason,
-                teacher=p.teacher or default_teacher or "",
+                teacher=teacher,
                 data_source=p.data_source,
                 ground_truth=p.ground_truth,
                 reward=float(compute_score(p.data_source, text, p.ground_truth, p.extra_info)),
@@ -360,8 +385,8 @@ def score(samples: list[Sample], groups: Groups, needs: Any, metrics_top_k: int 
     """Fill the per-token scores the objective asks for (nothing more):
     ℓ_old and the student top-K (student group), ℓ_T and the teacher top-K or the teacher's
     log-probs at the student top-K (each sample's own teacher), ℓ_R (its reference).
-    ``metrics_top_k``: objectives without a support still get the teacher's top-K of this size
-    (a few numbers per token) for the teacher/student top-K overlap metric."""
+    The teacher's own top-K comes too: the support, or (student top-K support; objectives without a
+    support, at ``metrics_top_k``, a few numbers per token) for the top-K overlap metric."""
     student_topk = needs.support == "student_topk"
     if needs.old_logp or student_topk:
         got = _score_group(groups.student, samples, top_k=needs.top_k if student_topk else 0)
@@ -378,7 +403,7 @@ def score(samples: list[Sample], groups: Groups, needs: Any, metrics_top_k: int 
         got = _score_group(
             groups.teachers[name],
             subset,
-            top_k=needs.top_k if needs.support == "teacher_topk" else (0 if needs.support else metrics_top_k),
+            top_k=needs.top_k if needs.support else metrics_top_k,
             ids_field="student_topk_ids" if student_topk else None,
         )
         for s in subset:

@@ -76,6 +76,7 @@ def token_batch(worker: ModelWorker, mb: MicroBatch, rows: Tensor, weights: Tens
         rollout_logp=field("rollout_logprobs"),
         support_ids=support_ids,
         support_teacher_logp=support_logp,
+        teacher_topk_ids=field("teacher_topk_ids") if req.support == "student_topk" else None,
         teacher_index=teacher_index,
         outcome_reward=reward,
         tp_group=ps.get_tensor_model_parallel_group(),

@@ -52,9 +52,13 @@ def make_case(
     neg_inf: bool = False,
     masked_rows: int = 1,
     give_old: bool = False,
+    old_spread: float = 0.05,
+    rollout_spread: float = 0.4,
     temperature: float = 1.0,
     all_masked: bool = False,
 ) -> Case:
+    """Random logits and scores; ``old_spread`` / ``rollout_spread``: standard deviations of ℓ_old − ℓ_S and
+    ℓ_roll − ℓ_old (large values put PPO ratios beyond the dual clip and log-ratios beyond ±20)."""
     g = torch.Generator().manual_seed(seed)
     zs = (torch.randn(n, v, generator=g, dtype=torch.float64) * 2).float().double()
     zt = (torch.randn(n, v, generator=g, dtype=torch.float64) * 2 + 0.6 * zs).float().double()
@@ -70,9 +74,9 @@ def make_case(
         response[:] = 0
     seq_index = torch.arange(n) // 3
     lp_s = torch.stack([plain.log_softmax_row(r / temperature) for r in zs]).gather(1, labels[:, None]).squeeze(1)
-    old = lp_s + 0.05 * torch.randn(n, generator=g, dtype=torch.float64) if give_old else None
+    old = lp_s + old_spread * torch.randn(n, generator=g, dtype=torch.float64) if give_old else None
     base = lp_s if old is None else old
-    rollout = base + 0.4 * torch.randn(n, generator=g, dtype=torch.float64)
+    rollout = base + rollout_spread * torch.randn(n, generator=g, dtype=torch.float64)
     rollout[response == 0] = math.nan  # never read on masked tokens
     return Case(
         zs=zs,
@@ -89,6 +93,11 @@ def make_case(
         masked_ids=sorted({int(labels[min(2, n - 1)]), finite - 1}),
         temperature=temperature,
     )
+
+
+def teacher_topk(case: Case, k: int) -> Tensor:
+    """The teacher's top-``k`` ids [N, k] at the case's temperature."""
+    return torch.tensor([plain.topk_list(r / case.temperature, k) for r in case.zt], dtype=torch.int64)
 
 
 def support_of(cfg: ObjectiveConfig, case: Case) -> tuple[Tensor, Tensor] | None:
@@ -129,6 +138,7 @@ def run_objective(
         rollout_logp=case.rollout_logp.float(),
         support_ids=None if support is None else support[0],
         support_teacher_logp=None if support is None else support[1].float(),
+        teacher_topk_ids=teacher_topk(case, cfg.top_k) if cfg.support == "student_topk" else None,
         teacher_index=case.teacher_index,
         outcome_reward=case.reward.float(),
         tp_group=tp_group,
@@ -176,12 +186,12 @@ def expected(cfg: ObjectiveConfig, case: Case, *, ppo: bool = False) -> tuple[fl
             continue
         z, zt, y = zs[i] / t, case.zt[i] / t, int(case.labels[i])
         ls = lp_s[i]
-        w_is = min(math.exp(log_ratio[i]), cfg.rollout_is_threshold) if cfg.rollout_is == "token" else 1.0
+        w_is = plain.rollout_weight(log_ratio[i], cfg.rollout_is_threshold) if cfg.rollout_is == "token" else 1.0
         s_adv = old[i] if cfg.advantage_logp == "old" else float(ls)
         adv = float(lt[i]) - s_adv
         if cfg.name in ("opd", "gopd", "exopd"):
             adv += (cfg.lam - 1.0) * (float(lt[i]) - float(case.ref_logp[i]))
-            row = w_is * plain.pg_loss(ls, adv, old[i] if ppo else None, cfg.clip_ratio)
+            row = w_is * plain.pg_loss(ls, adv, old[i] if ppo else None, cfg.clip_ratio, cfg.clip_ratio_c)
             add("opd/advantage", adv, i)
         elif cfg.name == "aopd":
             row, m = plain.aopd_row(
@@ -197,6 +207,7 @@ def expected(cfg: ObjectiveConfig, case: Case, *, ppo: bool = False) -> tuple[fl
                 is_weight=w_is,
                 old=old[i] if ppo else None,
                 clip=cfg.clip_ratio,
+                clip_c=cfg.clip_ratio_c,
                 adv_logp=old[i] if cfg.advantage_logp == "old" else None,
                 renormalize=cfg.renormalize,
                 tail=cfg.tail_bucket,
@@ -209,6 +220,9 @@ def expected(cfg: ObjectiveConfig, case: Case, *, ppo: bool = False) -> tuple[fl
         else:
             row = -ls
         loss = loss + case.weights[i] * row
+        if cfg.name in ("aopd", "lsm", "gkd"):
+            for name, value in support_metrics(cfg, case, i).items():
+                sums.setdefault(name, []).append(value)
         sums.setdefault("student/entropy", []).append(float(plain.entropy_row(z)))
         if cfg.name != "sft":
             add("teacher/reverse_kl", float(ls) - float(lt[i]), i)
@@ -222,6 +236,26 @@ def expected(cfg: ObjectiveConfig, case: Case, *, ppo: bool = False) -> tuple[fl
     grad = zs.grad if zs.grad is not None else torch.zeros_like(case.zs)
     metrics = {k: sum(v) / len(v) for k, v in sums.items() if v}
     return float(loss), grad, metrics
+
+
+def support_metrics(cfg: ObjectiveConfig, case: Case, i: int) -> dict[str, float]:
+    """Row ``i``'s probability mass of teacher and student on the objective's support K_t and the share of
+    the teacher top-K inside the student top-K (left out where -inf logits make the top-K ambiguous)."""
+    t, y, k = case.temperature, int(case.labels[i]), cfg.top_k
+    zs, zt = case.zs[i] / t, case.zt[i] / t
+    teacher_top, student_top = plain.topk_list(zt, k), plain.topk_list(zs, k)
+    ids = student_top if cfg.name == "lsm" and cfg.support == "student_topk" else list(teacher_top)
+    if cfg.name == "lsm" and cfg.support == "teacher_topk+sampled" and y not in ids:
+        ids.append(y)
+    ps, pt = plain.log_softmax_row(zs), plain.log_softmax_row(zt)
+    out = {
+        "support/teacher_mass": sum(math.exp(float(pt[v])) for v in ids),
+        "support/student_mass": sum(math.exp(float(ps[v])) for v in ids),
+    }
+    finite = min(int(torch.isfinite(zs).sum()), int(torch.isfinite(zt).sum()))
+    if k <= finite:
+        out["support/topk_overlap"] = len(set(teacher_top) & set(student_top)) / k
+    return out
 
 
 def tp_rank_run(jobs: list[tuple[dict, Case, dict]]) -> list[tuple[float, list, dict[str, float]]]:

@@ -63,12 +63,21 @@ def entropy_row(z: Tensor) -> Tensor:
     return -sum(torch.exp(v) * v for v in lp if v.item() > NEG_INF)
 
 
-def pg_loss(ls: Tensor, adv: float, old: float | None, clip: float | None) -> Tensor:
-    """−A ℓ_S, or the PPO-clip form with r = exp(ℓ_S − ℓ_old)."""
+def rollout_weight(log_ratio: float, threshold: float) -> float:
+    """§6 w = min(exp(ℓ_old − ℓ_roll), C), the log-ratio first clamped to [−20, 20] (verl)."""
+    return min(math.exp(min(max(log_ratio, -20.0), 20.0)), threshold)
+
+
+def pg_loss(ls: Tensor, adv: float, old: float | None, clip: float | None, clip_c: float | None = None) -> Tensor:
+    """−A ℓ_S, or the PPO-clip form with r = exp(ℓ_S − ℓ_old) (log-ratio clamped to [−20, 20]) and, for
+    A < 0, verl's dual clip: the loss capped at −A·clip_c."""
     if old is None:
         return -adv * ls
-    r = torch.exp(ls - old)
-    return torch.maximum(-adv * r, -adv * r.clamp(1.0 - clip, 1.0 + clip))
+    r = torch.exp(torch.clamp(ls - old, -20.0, 20.0))
+    loss = torch.maximum(-adv * r, -adv * r.clamp(1.0 - clip, 1.0 + clip))
+    if clip_c is not None and adv < 0:
+        loss = torch.minimum(loss, torch.tensor(-adv * clip_c, dtype=torch.float64))
+    return loss
 
 
 def gjsd_row(zs: Tensor, zt: Tensor, beta: float, top_k: int | None, renormalize: bool, tail: bool) -> Tensor:
@@ -106,6 +115,7 @@ def aopd_row(
     is_weight: float = 1.0,
     old: float | None = None,
     clip: float | None = None,
+    clip_c: float | None = None,
     adv_logp: float | None = None,
     renormalize: bool = True,
     tail: bool = False,
@@ -123,4 +133,4 @@ def aopd_row(
             m = m and reward <= 0
     if m:
         return gjsd_row(zs, zt, beta, top_k, renormalize, tail), True
-    return is_weight * pg_loss(ls, adv, old, clip), False
+    return is_weight * pg_loss(ls, adv, old, clip, clip_c), False

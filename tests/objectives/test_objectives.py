@@ -26,6 +26,13 @@ CONFIGS: dict[str, tuple[dict, dict, dict]] = {
     "exopd_teacher_base": (dict(name="exopd", lambda_=2.0, reference="teacher_base"), {}, {}),
     "exopd_ppo": (dict(name="exopd"), dict(mini_batches_per_step=2), dict(give_old=True)),
     "exopd_adv_old_ppo": (dict(name="exopd", advantage_logp="old", policy_loss="ppo_clip"), {}, dict(give_old=True)),
+    "exopd_ppo_dual_clip": (dict(name="exopd"), dict(mini_batches_per_step=2), dict(give_old=True, old_spread=2.0)),
+    "opd_ppo_no_dual_clip": (
+        dict(name="opd", policy_loss="ppo_clip", clip_ratio_c=None),
+        {},
+        dict(give_old=True, old_spread=2.0),
+    ),
+    "aopd_ppo_dual_clip": (dict(name="aopd", top_k=4, policy_loss="ppo_clip"), {}, dict(give_old=True, old_spread=2.0)),
     "opd_rs_token": (dict(name="opd", rollout_rs="token", rollout_rs_threshold=1.5), {}, dict(give_old=True)),
     "opd_rs_sequence": (dict(name="opd", rollout_rs="sequence", rollout_rs_threshold=2.0), {}, dict(give_old=True)),
     "aopd": (dict(name="aopd", top_k=4), {}, {}),
@@ -206,3 +213,41 @@ def test_triton_kernels_interpreted(config_id: str, monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("OPD_KERNELS", "triton")
     cfg_kwargs, build, case_kwargs = CONFIGS[config_id]
     _compare(ObjectiveConfig(**cfg_kwargs), oc.make_case(6, 300, 14, neg_inf=True, **case_kwargs), build)
+
+
+def test_dual_clip_caps_negative_advantages() -> None:
+    """Tokens with ratio r > clip_ratio_c and A < 0 lose ``−A·c`` (verl's dual clip), not ``−A·r``; others
+    are unchanged; ``ppo/clip_frac_lower`` counts the capped ones."""
+    case = oc.make_case(40, 60, 31, give_old=True, old_spread=2.0)
+    lt = case.teacher_lp.gather(1, case.labels[:, None]).squeeze(1)
+    ls = torch.stack([oc.plain.log_softmax_row(r) for r in case.zs]).gather(1, case.labels[:, None]).squeeze(1)
+    adv, ratio = lt - ls, torch.exp(ls - case.old_logp)
+    capped = (case.response_mask > 0) & (adv < 0) & (ratio > 3.0)
+    assert int(capped.sum()) >= 3  # the case exercises the cap
+    on = ObjectiveConfig(name="opd", policy_loss="ppo_clip")
+    off = dataclasses.replace(on, clip_ratio_c=None)
+    got_on, got_off = oc.run_objective(on, case, {}), oc.run_objective(off, case, {})
+    _check(got_on, _expected(on, case, {}))
+    _check(got_off, _expected(off, case, {}))
+    assert got_on[0] < got_off[0] - 1e-3  # capping −A·r at −A·3 lowers the loss
+    keep = case.response_mask > 0
+    assert abs(got_on[2]["ppo/clip_frac_lower"] - float(capped[keep].double().mean())) < 1e-9
+    assert "ppo/clip_frac_lower" not in got_off[2]
+
+
+def test_log_ratios_clamped_to_twenty() -> None:
+    """The PPO ratio and the rollout-correction weight use ``exp(clamp(log-ratio, ±20))`` (verl)."""
+    from megatron_opd.objectives.reference import policy_gradient_token_loss
+    from megatron_opd.objectives.rollout_correction import token_is_weights
+
+    log_ratio = torch.tensor([-30.0, -20.5, -3.0, 0.0, 1.0, 25.0], dtype=torch.float64)
+    want = torch.tensor([oc.plain.rollout_weight(float(x), 5.0) for x in log_ratio], dtype=torch.float64)
+    torch.testing.assert_close(token_is_weights(log_ratio, torch.zeros_like(log_ratio), 5.0), want, rtol=1e-12, atol=0)
+    assert float(want[0]) == math.exp(-20.0)
+    ls = torch.tensor([0.0, 0.0], dtype=torch.float64)
+    old = torch.tensor([-25.0, 25.0], dtype=torch.float64)
+    adv = torch.tensor([-1.0, 1.0], dtype=torch.float64)
+    loss = policy_gradient_token_loss(ls, adv, old, 0.2, None)
+    torch.testing.assert_close(
+        loss, torch.tensor([math.exp(20.0), -math.exp(-20.0)], dtype=torch.float64), rtol=1e-12, atol=0
+    )

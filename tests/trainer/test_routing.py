@@ -77,7 +77,9 @@ def test_student_topk_support_round_trip() -> None:
     driver.score(samples, groups, Requirements(teacher_logp=True, support="student_topk", top_k=3), metrics_top_k=5)
     assert student.calls[0]["top_k"] == 3  # the student's top-K first ...
     assert teacher.calls[0]["ids_field"] == "student_topk_ids"  # ... then the teacher scores at those ids
+    assert teacher.calls[0]["top_k"] == 3  # and gives its own top-K, for the overlap metric
     assert all(s.teacher_ids_logp is not None and s.student_topk_ids is not None for s in samples)
+    assert all(s.teacher_topk_ids.shape == (s.response_len, 3) for s in samples)
 
 
 class RecordingGroup:
@@ -108,3 +110,40 @@ def test_colocated_groups_take_turns_on_the_gpus() -> None:
     residency.use(student)  # type: ignore[arg-type]
     assert log == ["teacher.onload", "teacher.offload", "student.onload"]
     assert residency.resident == {"student", "ref"}
+
+
+class FakeEngine:
+    """A rollout engine whose responses name it: every token id is ``token``; records the prompts it got."""
+
+    def __init__(self, token: int) -> None:
+        self.token, self.prompts = token, []
+
+    def generate(self, prompts: list[list[int]], sampling: Any) -> list[Any]:
+        from megatron_opd.rollout.base import Completion
+
+        self.prompts.extend(prompts)
+        return [Completion(list(p), [self.token] * 3, [-0.5] * 3, "stop") for p in prompts]
+
+
+def test_seqkd_responses_come_from_each_prompts_teacher() -> None:
+    """SFT (OBJECTIVES §7) trains on teacher-written responses: with ``writers`` each prompt's own teacher
+    generates, the student's engine does not."""
+    from megatron_opd.config.schema import OPDConfig, TeacherConfig
+    from megatron_opd.data.dataset import PromptSample
+    from megatron_opd.demo.tokenizer import build_tokenizer
+
+    cfg = OPDConfig(teachers=[TeacherConfig(name="math"), TeacherConfig(name="code")])
+    cfg.rollout.n = 2
+    prompts = [
+        PromptSample(i, [5, 6, 7 + i], "demo_arith", "1", name, {}, [], "f", i)
+        for i, name in enumerate(["math", "code", "math"])
+    ]
+    student, math_t, code_t = FakeEngine(10), FakeEngine(11), FakeEngine(12)
+    tok = build_tokenizer()
+    samples = driver.rollout(cfg, 1, prompts, student, tok, {"math": math_t, "code": code_t})
+    assert student.prompts == []
+    assert [s.teacher for s in samples] == ["math", "math", "code", "code", "math", "math"]
+    assert all(s.response_ids == [11 if s.teacher == "math" else 12] * 3 for s in samples)
+    assert math_t.prompts == [[5, 6, 7]] * 2 + [[5, 6, 9]] * 2 and code_t.prompts == [[5, 6, 8]] * 2
+    on_policy = driver.rollout(cfg, 1, prompts, student, tok)  # without writers: the student's own samples
+    assert all(s.response_ids == [10] * 3 for s in on_policy) and len(student.prompts) == 6

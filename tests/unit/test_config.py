@@ -145,5 +145,6 @@ def test_non_qwen3_model(tmp_path: Path, models: dict[str, str]) -> None:
 def test_objective_needs_teacher_and_bad_choice(tmp_path: Path, models: dict[str, str]) -> None:
     p = write(tmp_path, f"student:\n  path: {models['dense']}\ndata:\n  train_files: [x.parquet]\n")
     assert "teachers" in errors(p)
+    assert "the teacher writes the responses" in errors(p, ["objective.name=sft"])  # SeqKD needs one too
     assert "objective.name" in errors(write(tmp_path, base_yaml(models)), ["objective.name=ppo"])
     assert "rollout.top_p" in errors(write(tmp_path, base_yaml(models)), ["rollout.top_p=1.5"])

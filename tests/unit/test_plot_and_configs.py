@@ -17,7 +17,7 @@ MODELS = REPO / "configs" / "models"
 PAPER = {
     "exopd_qwen3_1p7b_from_30b_a3b.yaml": ("Qwen3-1.7B", ["Qwen3-30B-A3B-Instruct-2507"]),
     "exopd_qwen3_1p7b_from_30b_a3b_2node.yaml": ("Qwen3-1.7B", ["Qwen3-30B-A3B-Instruct-2507"]),
-    "exopd_reward_correction.yaml": ("Qwen3-1.7B", ["Qwen3-30B-A3B-Instruct-2507"]),
+    "exopd_reward_correction.yaml": ("Qwen3-1.7B", ["Qwen3-4B"]),
     "exopd_qwen3_4b_multi_teacher.yaml": ("Qwen3-4B", ["Qwen3-4B", "Qwen3-4B"]),
     "aopd_qwen3_8b_from_32b.yaml": ("Qwen3-8B", ["Qwen3-32B"]),
     "lsm_qwen3_8b_from_32b.yaml": ("Qwen3-8B", ["Qwen3-32B"]),
@@ -56,3 +56,39 @@ def test_paper_configs_validate_at_the_real_shapes(name: str, tmp_path: Path) ->
 def test_demo_config_loads() -> None:
     cfg = load_config(REPO / "configs" / "demo" / "cpu.yaml")
     assert cfg.student.path == f"{cfg.demo_assets}/student" and cfg.objective.lam == 1.25
+
+
+GOPD_CONFIGS = [
+    "exopd_qwen3_1p7b_from_30b_a3b.yaml",
+    "exopd_qwen3_1p7b_from_30b_a3b_2node.yaml",
+    "exopd_reward_correction.yaml",
+    "exopd_qwen3_4b_multi_teacher.yaml",
+]
+
+
+@pytest.mark.parametrize("name", GOPD_CONFIGS)
+def test_gopd_configs_run_what_the_authors_ran(name: str) -> None:
+    """The settings of RUCBM/G-OPD's scripts (verl/examples/g_opd/*.sh @37371a4) and verl's actor defaults."""
+    cfg = load_config(REPO / "configs" / "paper" / name)
+    o, d, r, opt = cfg.objective, cfg.data, cfg.rollout, cfg.optim
+    assert (o.name, o.lam, o.reference in ("student_base", "teacher_base")) == ("exopd", 1.25, True)
+    assert o.loss_agg_mode == "seq-mean-token-mean"  # micro-batches of one sequence, token-mean in each
+    assert o.advantage_logp == "student" and cfg.trainer.mini_batches_per_step == 1  # on-policy: sg(ℓ_S)
+    assert (o.rollout_is, o.rollout_is_threshold, o.rollout_rs) == ("token", 5.0, "none")
+    assert (d.train_batch_size, d.max_prompt_length, d.enable_thinking, d.filter_overlong_prompts) == (
+        1024,
+        2048,
+        False,
+        True,
+    )
+    assert (d.truncation, d.shuffle, d.seed) == ("error", True, 42)
+    assert (r.n, r.temperature, r.top_p, r.max_new_tokens) == (1, 1.0, 1.0, 16384)
+    assert (opt.lr, opt.weight_decay, opt.clip_grad, opt.warmup_steps, opt.lr_decay_style) == (
+        1e-5,
+        0.01,
+        1.0,
+        0,
+        "constant",
+    )
+    assert (opt.adam_beta1, opt.adam_beta2) == (0.9, 0.999)
+    assert cfg.trainer.steps == (50 if "multi_teacher" in name else 100)  # the paper's App. B

@@ -168,6 +168,6 @@ def main(argv: list[str] | None = None) -> int:
     if rec.baseline is not None:
         summary += (
             f"; {rec.baseline}: {rec.baseline_time_ms:.1f} ms (MFU {rec.baseline_mfu:.1%}, peak memory "
-            f"{rec.baseline_peak_mem_bytes / 2**30:.2f} GiB): {rec.speedup:.2f}x {rec.baseline}'s speed"
+            f"{rec.baseline_peak_mem_bytes / 2**30:.2f} GiB): {rec.speedup:.2f}x the speed of {rec.baseline}"
         )
     return report(rec, summary, args.json)

@@ -39,8 +39,10 @@ def rope(t: Tensor, freqs: Tensor) -> Tensor:
     return torch.cat((rot * cos + torch.cat((-x2, x1), dim=-1) * sin, rest), dim=-1)
 
 
-fused_rms_norm = torch.compile(rms_norm)
-_fused_rope = torch.compile(rope)
+# dynamic shapes from the first call: token counts change with every micro-batch, and one compiled graph per
+# tensor rank and grad mode stays within dynamo's recompile limit (the norms share one code object)
+fused_rms_norm = torch.compile(rms_norm, dynamic=True)
+_fused_rope = torch.compile(rope, dynamic=True)
 
 
 def fused_rope_sbhd(

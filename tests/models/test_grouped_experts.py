@@ -135,7 +135,22 @@ def _grouped_vs_sequential() -> dict[str, tuple[dict, dict]]:
             out[f"kernel_{name}"] = (_fwd_bwd(grouped, dtype), loop)
         finally:
             experts.grouped_mm_kernel = original
+    out["gpu_init"] = _gpu_initialized()
     return out
+
+
+def _gpu_initialized() -> dict:
+    """Weights as a GPU builds them (megatron's expert RNG stream; CPU stands in for the device here)."""
+    from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+
+    from megatron_opd.models.qwen3 import transformer_config_from_hf
+
+    config = transformer_config_from_hf(tiny_config(moe=True), use_cpu_initialization=False)
+    module = experts.GroupedExperts(len(TOKENS_PER_EXPERT), config, pg_collection=get_default_pg_collection())
+    return {
+        name: (w.std().item(), w.tensor_model_parallel, w.partition_dim, w.allreduce)
+        for name, w in (("fc1", module.linear_fc1.weight), ("fc2", module.linear_fc2.weight))
+    }
 
 
 @pytest.fixture(scope="module")
@@ -152,6 +167,18 @@ def test_grouped_experts_equal_the_reference(grouped_vs_sequential: dict, case: 
     for key in ("out", "x", "probs", "fc1", "fc2"):
         assert ours[key].shape == ref[key].shape, key
         torch.testing.assert_close(ours[key], ref[key], rtol=1e-5, atol=1e-6, msg=lambda m, k=key: f"{case} {k}: {m}")
+
+
+@pytest.mark.slow
+def test_gpu_initialization(grouped_vs_sequential: dict) -> None:
+    """N(0, init_method_std) under megatron's expert RNG stream, split over expert-TP on the output (fc1) /
+    input (fc2) dimension, gradients reduced over all data-parallel ranks at EP = 1."""
+    fc1, fc2 = grouped_vs_sequential["gpu_init"]["fc1"], grouped_vs_sequential["gpu_init"]["fc2"]
+    assert fc1[1:] == (True, 1, True) and fc2[1:] == (True, 2, True)
+    init_std = tiny_config(moe=True).initializer_range
+    assert fc1[0] == pytest.approx(init_std, rel=0.05)
+    # megatron scales the output projection's init by 1/sqrt(2 * layers)
+    assert fc2[0] == pytest.approx(init_std / (2 * tiny_config(moe=True).num_hidden_layers) ** 0.5, rel=0.05)
 
 
 # ---- the whole model: EP=2 against EP=1, checkpoints across modules and layouts ----
@@ -260,12 +287,29 @@ def _world(ep: int, path: str, ids: torch.Tensor, ckpt: str) -> dict:
         sequential = _build(path, sequential=True)
         load_hf_weights(sequential, path)
         save_model_checkpoint(sequential, f"{ckpt}/sequential", load_hf_config(path))
-    else:  # read each with the other module, at EP=2
+    else:  # read each with the other module, at EP=2; then through expert-TP = 2 (gate/up halves split)
         for written, sequential in (("grouped", True), ("sequential", False)):
             other = _build(path, sequential=sequential).eval()
             load_model_checkpoint(other, f"{ckpt}/{written}")
             out[f"from_{written}"] = forward_logits(other, mine)
+        init_model_parallel(ParallelSizes(2, 1, 1))
+        tp2 = _build(path).eval()
+        load_model_checkpoint(tp2, f"{ckpt}/sequential")
+        out["tp2_from_sequential"] = _gather_vocab(forward_logits(tp2, ids))
+        save_model_checkpoint(tp2, f"{ckpt}/grouped_tp2", load_hf_config(path))
+        init_model_parallel(ParallelSizes(1, 1, 2))
+        sequential = _build(path, sequential=True).eval()
+        load_model_checkpoint(sequential, f"{ckpt}/grouped_tp2")
+        out["from_grouped_tp2"] = forward_logits(sequential, mine)
     return out
+
+
+def _gather_vocab(logits: torch.Tensor) -> torch.Tensor:
+    from megatron.core import parallel_state as ps
+
+    shards = [torch.empty_like(logits) for _ in range(ps.get_tensor_model_parallel_world_size())]
+    torch.distributed.all_gather(shards, logits.contiguous(), group=ps.get_tensor_model_parallel_group())
+    return torch.cat(shards, dim=-1)
 
 
 @pytest.fixture(scope="module")
@@ -297,11 +341,13 @@ def test_ep2_equals_ep1(layouts: tuple) -> None:
 
 @pytest.mark.slow
 def test_checkpoints_load_across_modules_and_layouts(layouts: tuple) -> None:
-    """Written at EP=1 by GroupedExperts / SequentialMLP, read at EP=2 by the other: transformers' logits."""
+    """Written at EP=1 by GroupedExperts / SequentialMLP, read at EP=2 by the other; SequentialMLP's read by
+    GroupedExperts at expert-TP = 2 and written again there, read by SequentialMLP at EP=2: the same logits."""
     (ep1,), ep2, _ = layouts
     for rank, out in enumerate(ep2):
-        for written in ("grouped", "sequential"):
+        for written in ("grouped", "sequential", "grouped_tp2"):
             torch.testing.assert_close(out[f"from_{written}"], ep1["logits"][rank : rank + 1], rtol=0, atol=1e-5)
+        torch.testing.assert_close(out["tp2_from_sequential"], ep1["logits"], rtol=0, atol=1e-5)
 
 
 @pytest.mark.slow

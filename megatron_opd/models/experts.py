@@ -58,7 +58,7 @@ def grouped_linear(x: Tensor, weight: Tensor, tokens_per_expert: Tensor) -> Tens
     ``weight[e]`` [out, in] transposed: [T, out]."""
     kernel = grouped_mm_kernel(x.device, x.dtype, weight.shape[2], weight.shape[1])
     if kernel is not None and x.shape[0] > 0:
-        offs = torch.cumsum(tokens_per_expert, 0).to(device=x.device, dtype=torch.int32, non_blocking=True)
+        offs = torch.cumsum(tokens_per_expert, 0).to(device=x.device, dtype=torch.int32)
         return kernel(x, weight.transpose(1, 2), offs=offs)
     # the loop: SequentialMLP's arithmetic (megatron's linear is matmul(x, w.t())); empty groups keep their
     # weights in the graph, so every expert has a gradient

@@ -24,6 +24,12 @@ def add_model_args(p: argparse.ArgumentParser, model: str, layers: int | None, s
     p.add_argument("--seq-len", type=int, default=seq_len, help="tokens per packed sequence")
     p.add_argument("--seqs", type=int, default=seqs, help="sequences packed into the micro-batch")
     p.add_argument("--dtype", default="bf16" if torch.cuda.is_available() else "fp32", choices=sorted(DTYPES))
+    p.add_argument(
+        "--fusion",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="the non-TE spec's compiled RMSNorm / RoPE / SwiGLU kernels (auto: on with CUDA)",
+    )
     p.add_argument("--warmup", type=int, default=2, help="untimed runs first")
     p.add_argument("--repeats", type=int, default=5, help="timed runs (median)")
     p.add_argument("--json", metavar="PATH", help="write the record as a one-element JSON list")
@@ -59,6 +65,7 @@ class ModelRecord:
     seqs: int
     tokens: int
     dtype: str
+    fusion: bool  # the local spec's compiled RMSNorm / RoPE / SwiGLU
     device: str
     versions: dict[str, str]
 
@@ -73,6 +80,7 @@ class ModelRecord:
             seqs=args.seqs,
             tokens=args.seq_len * args.seqs,
             dtype=args.dtype,
+            fusion=fusion_option(args),
             device=device_name(device),
             versions=versions(),
         )
@@ -114,11 +122,21 @@ def load_config(model_dir: str, layers: int | None) -> Any:
     return hf_config
 
 
-def build_model(hf_config: Any, dtype: torch.dtype, device: torch.device, **options: Any) -> torch.nn.Module:
-    """Random weights (megatron's init), the non-TE layer spec (SDPA / varlen flash attention)."""
+def fusion_option(args: argparse.Namespace) -> bool:
+    """``--fusion`` resolved (auto: on with CUDA)."""
+    from megatron_opd.models.fusion import resolve_fusion
+
+    return resolve_fusion({"auto": None, "on": True, "off": False}[args.fusion])
+
+
+def build_model(
+    hf_config: Any, dtype: torch.dtype, device: torch.device, fusion: bool, **options: Any
+) -> torch.nn.Module:
+    """Random weights (megatron's init), the non-TE layer spec (SDPA / varlen flash attention; grouped-GEMM
+    experts), with or without its compiled kernels."""
     from megatron_opd.models.qwen3 import build_gpt_model
 
-    model = build_gpt_model(hf_config, spec="local", params_dtype=dtype, **options)
+    model = build_gpt_model(hf_config, spec="local", params_dtype=dtype, fusion=fusion, **options)
     return model.to(device)
 
 

@@ -1,7 +1,8 @@
 """``opd bench teacher-scoring``: a frozen teacher scoring responses at real Qwen3-MoE shapes — tokens/s,
-and the share of the time spent taking the top-K (issue 11).
+and the share of the time spent taking the top-K.
 
-One rank, random weights, the non-TE layer spec, the model cut to ``--layers`` layers so it fits one GPU
+One rank, random weights, the non-TE layer spec (experts as grouped GEMMs; built ``frozen``: no
+recomputation or router losses, eval mode, no gradients), the model cut to ``--layers`` layers so it fits one GPU
 (Qwen3-30B-A3B: 1.1 GiB of bf16 weights per layer plus 0.6 GiB of embeddings and LM head; the default 16
 of 48 layers is ≈ 18.8 GiB). Per micro-batch of ``--seqs`` packed sequences of ``--seq-len`` tokens: the
 forward to the logits, then what scoring ships — the sampled-token log-prob and the full-vocabulary top-K
@@ -23,8 +24,10 @@ from megatron_opd.bench.model_setup import (
     add_model_args,
     build_model,
     check_model_args,
+    fusion_option,
     init_single_rank,
     load_config,
+    matmul_peak_tflops,
     median_ms,
     packed_batch,
     report,
@@ -41,6 +44,8 @@ class Record(ModelRecord):
     topk_fraction: float  # topk_ms / (forward_ms + topk_ms)
     tokens_per_s: float  # scored tokens per second, both parts
     achieved_tflops: float  # model FLOPs of the forward / its time
+    peak_tflops_measured: float  # the device's dense matmul rate, measured in the same run
+    mfu: float  # achieved_tflops / peak_tflops_measured
     peak_mem_bytes: int  # above the weights
 
 
@@ -51,7 +56,7 @@ def run(args: argparse.Namespace) -> Record:
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     init_single_rank()
     hf_config = load_config(args.model, args.layers)
-    model = build_model(hf_config, dtype, device).eval().requires_grad_(False)
+    model = build_model(hf_config, dtype, device, fusion_option(args), frozen=True)
     batch = packed_batch(hf_config.vocab_size, args.seq_len, args.seqs, device)
     with torch.no_grad():
         logits = model_forward(model, batch.inputs).reshape(-1, hf_config.vocab_size)
@@ -76,6 +81,8 @@ def run(args: argparse.Namespace) -> Record:
             topk_logprobs(out, args.top_k)
 
     memory = peak_bytes(score, device)
+    achieved = forward_flops(hf_config, batch.seq_lens) / (forward_ms * 1e-3) / 1e12
+    peak = matmul_peak_tflops(device, dtype)
     return Record(
         **ModelRecord.common("teacher_scoring", args, hf_config, device),
         top_k=args.top_k,
@@ -83,7 +90,9 @@ def run(args: argparse.Namespace) -> Record:
         topk_ms=topk_ms,
         topk_fraction=topk_ms / (forward_ms + topk_ms),
         tokens_per_s=args.seq_len * args.seqs / ((forward_ms + topk_ms) * 1e-3),
-        achieved_tflops=forward_flops(hf_config, batch.seq_lens) / (forward_ms * 1e-3) / 1e12,
+        achieved_tflops=achieved,
+        peak_tflops_measured=peak,
+        mfu=achieved / peak,
         peak_mem_bytes=memory,
     )
 
@@ -105,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = (
         f"{rec.model} cut to {rec.layers} layers, {rec.seqs} x {rec.seq_len} tokens packed, top-{rec.top_k}, "
         f"{rec.dtype}: forward {rec.forward_ms:.1f} ms + top-K {rec.topk_ms:.1f} ms ({rec.topk_fraction:.1%}), "
-        f"{rec.tokens_per_s:,.0f} tokens/s, {rec.achieved_tflops:.1f} TFLOP/s in the forward, "
+        f"{rec.tokens_per_s:,.0f} tokens/s, {rec.achieved_tflops:.1f} TFLOP/s in the forward "
+        f"({rec.mfu:.1%} of {rec.peak_tflops_measured:.1f} measured), "
         f"peak memory {rec.peak_mem_bytes / 2**30:.2f} GiB"
     )
     return report(rec, summary, args.json)

@@ -9,7 +9,7 @@ import torch
 from megatron.core import parallel_state
 
 from megatron_opd.convert.hf_io import HFCheckpointReader, load_hf_config
-from megatron_opd.convert.mapping import AttentionShape, ParamMapping, hf_to_shard, resolve
+from megatron_opd.convert.mapping import AttentionShape, ParamMapping, hf_to_shard, resolve, stacked_expert_names
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -42,13 +42,18 @@ def tp_rank_size(mapping: ParamMapping) -> tuple[int, int]:
     )
 
 
-def param_mappings(model: torch.nn.Module, hf_config: Any) -> list[tuple[str, torch.nn.Parameter, ParamMapping]]:
-    """(local name, parameter, mapping) for every parameter of this rank's model part."""
+def param_mappings(model: torch.nn.Module, hf_config: Any) -> list[tuple[str, torch.Tensor, ParamMapping]]:
+    """(local name, parameter, mapping) for every parameter of this rank's model part; a parameter that stacks
+    the local experts comes as one view of its data per expert (named as Transformer Engine names it)."""
     layer_offset, expert_offset = rank_offsets(model)
     tied = bool(getattr(hf_config, "tie_word_embeddings", False))
+    named: list[tuple[str, torch.Tensor]] = []
+    for name, p in unwrap_model(model).named_parameters():
+        per_expert = stacked_expert_names(name, p.shape[0])
+        named += [(name, p)] if per_expert is None else list(zip(per_expert, p.detach().unbind(0)))
     return [
         (name, p, resolve(name, layer_offset=layer_offset, expert_offset=expert_offset, tie_word_embeddings=tied))
-        for name, p in unwrap_model(model).named_parameters()
+        for name, p in named
     ]
 
 

@@ -87,6 +87,9 @@ _EXPERT_RE = re.compile(
     r"mlp\.experts\.(?:local_experts\.(?P<e1>\d+)\.linear_fc(?P<f1>[12])\.weight"
     r"|linear_fc(?P<f2>[12])\.weight(?P<e2>\d+))$"
 )
+# GroupedExperts (the local spec's): experts.linear_fcX.weight stacks the local experts on dim 0; expert e is
+# TEGroupedMLP's experts.linear_fcX.weight{e}
+_STACKED_EXPERTS_RE = re.compile(r"\.mlp\.experts\.linear_fc[12]\.weight$")
 _LAYER_RE = re.compile(r"^decoder\.layers\.(?P<layer>\d+)\.(?P<rest>.+)$")
 _TOP_RULES: dict[str, tuple[str, Kind]] = {
     "embedding.word_embeddings.weight": ("model.embed_tokens.weight", "column"),
@@ -97,6 +100,14 @@ _TOP_RULES: dict[str, tuple[str, Kind]] = {
 
 class UnmappedParameterError(KeyError):
     pass
+
+
+def stacked_expert_names(mcore_name: str, local_experts: int) -> list[str] | None:
+    """The per-expert names (``…weight0``, ``…weight1``, …) of a parameter that stacks the local experts
+    on its first dimension, or None for any other parameter."""
+    if not _STACKED_EXPERTS_RE.search(mcore_name):
+        return None
+    return [f"{mcore_name}{e}" for e in range(local_experts)]
 
 
 def resolve(

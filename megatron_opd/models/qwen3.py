@@ -21,10 +21,13 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.moe.moe_layer import MoELayer
+from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
 from megatron_opd.models.attention import SDPAttention
-from megatron_opd.models.norm import QKRMSNorm, RMSNorm
+from megatron_opd.models.experts import GroupedExperts
+from megatron_opd.models.fusion import local_fusion_fields, resolve_fusion
+from megatron_opd.models.norm import FusedQKRMSNorm, FusedRMSNorm, QKRMSNorm, RMSNorm
 
 SUPPORTED_MODEL_TYPES = ("qwen3", "qwen3_moe")
 SpecName = Literal["auto", "te", "local"]
@@ -242,35 +245,47 @@ def transformer_engine_options(hf_config: Any) -> dict[str, Any]:
     )
 
 
-def layer_block_spec(config: TransformerConfig, spec: SpecName = "auto") -> TransformerBlockSubmodules:
+def layer_block_spec(
+    config: TransformerConfig, spec: SpecName = "auto", fusion: bool = False
+) -> TransformerBlockSubmodules:
     """The decoder block spec for this pipeline stage.
 
     ``te``: megatron-core's Transformer Engine spec (fused layernorm-linear, TE attention).
-    ``local``: megatron-core's local modules with :class:`SDPAttention` as core attention and
-    sequence-parallel-capable RMSNorms (:mod:`megatron_opd.models.norm`).
+    ``local``: megatron-core's local modules with :class:`SDPAttention` as core attention,
+    sequence-parallel-capable RMSNorms (:mod:`megatron_opd.models.norm`; compiled kernels with ``fusion``)
+    and, in MoE layers, :class:`~megatron_opd.models.experts.GroupedExperts` as the experts.
     """
     name = resolve_spec_name(spec)
     block = get_gpt_decoder_block_spec(config, use_transformer_engine=name == "te", normalization="RMSNorm")
     if name == "te":
         return block
+    norm, qk_norm = (FusedRMSNorm, FusedQKRMSNorm) if fusion else (RMSNorm, QKRMSNorm)
     layer_specs = []
     for layer_spec in block.layer_specs:
         layer_spec = copy.deepcopy(layer_spec)
-        layer_spec.submodules.input_layernorm = RMSNorm
-        layer_spec.submodules.pre_mlp_layernorm = RMSNorm
-        if layer_spec.submodules.mlp.module is MoELayer:
+        layer_spec.submodules.input_layernorm = norm
+        layer_spec.submodules.pre_mlp_layernorm = norm
+        mlp = layer_spec.submodules.mlp
+        if mlp.module is MoELayer:
             # The TE spec keeps an MoE layer's pre-MLP norm as `pre_mlp_layernorm` (no fused
             # layernorm-linear to fold it into); keep that checkpoint key instead of the local
             # spec's rename to `mlp.linear_fc1.layer_norm_weight`, so checkpoints load with either.
             keys_map = dict(layer_spec.submodules.sharded_state_dict_keys_map)
             keys_map.pop("pre_mlp_layernorm.", None)
             layer_spec.submodules.sharded_state_dict_keys_map = keys_map
+            mlp.submodules = dataclasses.replace(mlp.submodules, experts=ModuleSpec(module=GroupedExperts))
         attn = layer_spec.submodules.self_attention
         attn.submodules = dataclasses.replace(
-            attn.submodules, core_attention=SDPAttention, q_layernorm=QKRMSNorm, k_layernorm=QKRMSNorm
+            attn.submodules, core_attention=SDPAttention, q_layernorm=qk_norm, k_layernorm=qk_norm
         )
         layer_specs.append(layer_spec)
-    return TransformerBlockSubmodules(layer_specs=layer_specs, layer_norm=RMSNorm)
+    return TransformerBlockSubmodules(layer_specs=layer_specs, layer_norm=norm)
+
+
+# TransformerConfig of a model that only scores: no activation recomputation, no router losses
+FROZEN_CONFIG: dict[str, Any] = dict(
+    recompute_granularity=None, recompute_method=None, recompute_num_layers=None, moe_z_loss_coeff=None
+)
 
 
 def build_gpt_model(
@@ -280,21 +295,33 @@ def build_gpt_model(
     pre_process: bool | None = None,
     post_process: bool | None = None,
     parallel_output: bool = True,
+    fusion: bool | None = None,
+    frozen: bool = False,
     **config_options: Any,
 ) -> GPTModel:
     """This rank's part of a Qwen3 / Qwen3-MoE ``GPTModel`` under the current parallel state.
 
     With no options: fp32 parameters, the spec chosen by :func:`resolve_spec_name` (with TE, the
-    settings of :func:`transformer_engine_options`), pre/post process from this rank's pipeline
-    stage, vocab-parallel logits ([s, b, V/TP] -> GPTModel returns [b, s, V/TP]).
-    ``config_options`` go to :func:`transformer_config_from_hf` (over the TE settings).
+    settings of :func:`transformer_engine_options`), pre/post
+    process from this rank's pipeline stage, vocab-parallel logits ([s, b, V/TP] -> GPTModel
+    returns [b, s, V/TP]). ``fusion``: the local spec's compiled RMSNorm, RoPE and SwiGLU
+    (:mod:`megatron_opd.models.fusion`; None: where CUDA is present). ``frozen``: a model that only
+    scores (a teacher, a reference): built without what only training needs (activation recomputation,
+    whose selective MoE / layernorm modules megatron runs even in eval mode; router auxiliary and z losses),
+    in eval mode, without gradients. ``config_options`` go to :func:`transformer_config_from_hf`.
     """
     from megatron_opd.platform import compat
 
     compat.activate()
     name = resolve_spec_name(spec)
-    te_options = transformer_engine_options(hf_config) if name == "te" else {}
-    config = transformer_config_from_hf(hf_config, **{**te_options, **config_options})
+    local = name == "local"
+    fused = local and resolve_fusion(fusion)
+    fusion_fields = local_fusion_fields(fused) if local else {}
+    te_fields = transformer_engine_options(hf_config) if name == "te" else {}
+    inference_fields = FROZEN_CONFIG if frozen else {}
+    config = transformer_config_from_hf(
+        hf_config, **{**te_fields, **fusion_fields, **config_options, **inference_fields}
+    )
     tp = config.tensor_model_parallel_size
     if hf_config.vocab_size % tp:
         raise ModelConfigError(f"vocab_size={hf_config.vocab_size} is not divisible by tensor_model_parallel_size={tp}")
@@ -304,7 +331,7 @@ def build_gpt_model(
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_block_spec(config, name),
+        transformer_layer_spec=layer_block_spec(config, name, fused),
         vocab_size=hf_config.vocab_size,
         max_sequence_length=hf_config.max_position_embeddings,
         pre_process=pre_process,
@@ -314,4 +341,6 @@ def build_gpt_model(
         position_embedding_type="rope",
         rotary_base=rope_theta(hf_config),
     )
+    if frozen:
+        model.eval().requires_grad_(False)
     return model

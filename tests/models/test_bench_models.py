@@ -58,19 +58,52 @@ def bench(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_student_step_writes_its_record(models: Path, tmp_path: Path) -> None:
+    """With the transformers baseline timed in the same run (the fusion switch auto: off without CUDA)."""
     out = tmp_path / "s.json"
     args = ["--model", str(models / "dense"), "--layers", "2", "--seq-len", "24", "--seqs", "2"]
-    proc = bench("student-step", *args, "--warmup", "1", "--repeats", "2", "--json", str(out))
+    proc = bench(
+        "student-step", *args, "--warmup", "1", "--repeats", "2", "--baseline", "transformers", "--json", str(out)
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (rec,) = json.loads(out.read_text())
     assert rec["bench"] == "student_step" and rec["layers"] == 2 and rec["tokens"] == 48 and rec["recompute"] == "full"
+    assert rec["fusion"] is False
     cfg = tiny_config(num_hidden_layers=2)
     assert rec["model_tflop"] == pytest.approx(training_flops(cfg, [24, 24]) / 1e12)
     assert rec["achieved_tflops"] == pytest.approx(rec["model_tflop"] / (rec["time_ms"] * 1e-3))
     assert rec["mfu"] == pytest.approx(rec["achieved_tflops"] / rec["peak_tflops_measured"])
     assert rec["tokens_per_s"] == pytest.approx(48 / (rec["time_ms"] * 1e-3))
     assert rec["peak_mem_bytes"] > 0 and rec["versions"]["megatron_core"].startswith("0.")
-    assert "MFU" in proc.stdout
+    assert rec["baseline"] == "transformers" and rec["baseline_peak_mem_bytes"] > 0
+    assert rec["speedup"] == pytest.approx(rec["baseline_time_ms"] / rec["time_ms"])
+    assert rec["baseline_mfu"] == pytest.approx(rec["mfu"] * rec["time_ms"] / rec["baseline_time_ms"])
+    assert "MFU" in proc.stdout and "x the speed of transformers" in proc.stdout
+
+
+def test_transformers_baseline_step_is_the_same_work(models: Path) -> None:
+    """The baseline feeds transformers the packed micro-batch's tokens, one row per packed sequence."""
+    from transformers import AutoModelForCausalLM
+
+    from megatron_opd.bench.model_setup import packed_batch
+    from megatron_opd.bench.student_step import transformers_step
+
+    cfg = tiny_config(num_hidden_layers=2)
+    batch = packed_batch(cfg.vocab_size, 6, 3, torch.device("cpu"))
+    seen: list[torch.Tensor] = []
+    original = AutoModelForCausalLM.from_config
+
+    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        model = original(*args, **kwargs)
+        model.register_forward_hook(lambda m, inputs, kw, out: seen.append(kw["input_ids"]), with_kwargs=True)
+        return model
+
+    AutoModelForCausalLM.from_config = spy
+    try:
+        transformers_step(cfg, torch.float32, torch.device("cpu"), batch, 3, "none")()
+    finally:
+        AutoModelForCausalLM.from_config = original
+    (ids,) = seen
+    assert ids.shape == (3, 6) and torch.equal(ids.reshape(1, -1), batch.inputs["input_ids"])
 
 
 @pytest.mark.slow
@@ -84,6 +117,9 @@ def test_teacher_scoring_writes_its_record(models: Path, tmp_path: Path) -> None
     total = rec["forward_ms"] + rec["topk_ms"]
     assert rec["topk_fraction"] == pytest.approx(rec["topk_ms"] / total)
     assert rec["tokens_per_s"] == pytest.approx(32 / (total * 1e-3))
+    assert rec["mfu"] == pytest.approx(rec["achieved_tflops"] / rec["peak_tflops_measured"])
+    cfg = tiny_config(moe=True)
+    assert rec["achieved_tflops"] == pytest.approx(forward_flops(cfg, [16, 16]) / (rec["forward_ms"] * 1e-3) / 1e12)
 
 
 def test_bad_arguments_are_refused(models: Path) -> None:
@@ -95,3 +131,15 @@ def test_bad_arguments_are_refused(models: Path) -> None:
     assert proc.returncode == 2 and "--top-k 129: choose 1 .. the vocabulary size 128" in proc.stderr
     proc = bench("student-step", "--model", str(models / "nowhere"))
     assert proc.returncode == 2 and "--model: " in proc.stderr and "no config.json" in proc.stderr
+    proc = bench("student-step", "--model", str(models / "dense"), "--baseline", "vllm")
+    assert proc.returncode == 2 and "--baseline: invalid choice: 'vllm'" in proc.stderr
+
+
+def test_fusion_switch(models: Path) -> None:
+    from megatron_opd.bench.model_setup import fusion_option
+    from megatron_opd.bench.student_step import parse_args
+
+    base = ["--model", str(models / "dense")]
+    assert fusion_option(parse_args([*base, "--fusion", "on"])) is True
+    assert fusion_option(parse_args([*base, "--fusion", "off"])) is False
+    assert fusion_option(parse_args(base)) is torch.cuda.is_available()

@@ -69,6 +69,20 @@ opd_ray_auth() {
     fi
 }
 
+# The Ray directory (session files, logs, sockets, ray_current_cluster) of this Slurm job step, attempt JOB-ATTEMPT
+# and step STEP (launch/local.sh: of its Ray head, by port), under OPD_RAY_TMPDIR (default: the parent Ray itself
+# would use, $RAY_TMPDIR, $TMPDIR or /tmp). Removed when that Ray stops (launch/node.sh; after a kill
+# launch/slurm/task_epilog.sh and launch/local.sh). Nothing goes to /tmp/ray, so no later `ray.init()` on the node
+# finds this job's cluster there.
+opd_ray_dir() {
+    local parent=${OPD_RAY_TMPDIR:-${RAY_TMPDIR:-${TMPDIR:-/tmp}}}
+    if [[ -n ${SLURM_STEP_ID:-} ]]; then
+        echo "$parent/opd-ray-$SLURM_JOB_ID-${SLURM_RESTART_COUNT:-0}.$SLURM_STEP_ID"
+    else
+        echo "$parent/opd-ray-local.${OPD_RAY_PORT:?}"
+    fi
+}
+
 # Succeeds once a TCP connection to $1:$2 is accepted (bash's /dev/tcp, no tools needed).
 opd_port_open() {
     (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null

@@ -3,8 +3,9 @@
 #
 #   launch/local.sh CONFIG [key=value ...]
 #
-# Starts a Ray head of its own (its own port and session directory, so other Ray clusters on the machine are left
-# alone), waits for it, runs `opd train CONFIG ...` with RAY_ADDRESS set, and stops Ray when training ends.
+# Starts a Ray head of its own (its own port and directory, so other Ray clusters on the machine are left alone and
+# nothing is left in /tmp/ray), waits for it, runs `opd train CONFIG ...` with RAY_ADDRESS set, and stops Ray and
+# removes its directory when training ends.
 # Ctrl-C / SIGTERM / SIGUSR1 reach opd train once: it finishes the current step, writes a checkpoint and exits
 # with 128+signal; a second Ctrl-C stops it at once. The exit code is opd train's. Ray and opd train run in
 # sessions of their own, so the terminal's Ctrl-C reaches them only through this script.
@@ -55,14 +56,16 @@ teardown() {
     local pid
     for pid in $train_pid $ray_pid; do
         kill -TERM "$pid" 2>/dev/null || continue
-        # `ray start --block` stops its processes on SIGTERM; a kill after 30 s takes them down by parent death
+        # `ray start --block` stops its processes on SIGTERM; after 30 s its session (node.sh, `ray start`) is
+        # killed, and Ray's processes follow their parent's death
         for _ in $(seq 60); do
             kill -0 "$pid" 2>/dev/null || break
             sleep 0.5
         done
-        kill -KILL "$pid" 2>/dev/null || true
+        kill -KILL -- "-$pid" 2>/dev/null || true
         wait "$pid" 2>/dev/null || true
     done
+    [[ -n $ray_pid ]] && rm -rf "$(opd_ray_dir)"  # node.sh removes it unless it was killed
     train_pid=
     ray_pid=
 }

@@ -2,8 +2,9 @@
 # What runs on one node of an opd job, started by launch/slurm/opd.sbatch (through srun) or launch/local.sh.
 # Every role activates the environment first (launch/common.sh).
 #
-#   node.sh ray-head IP PORT               the Ray head on this node; blocks until stopped
-#   node.sh ray-worker IP HEAD_ADDRESS     a Ray worker node joining HEAD_ADDRESS (ip:port); blocks
+#   node.sh ray-head IP PORT               the Ray head on this node; blocks until stopped (SIGTERM), then removes
+#                                          its Ray directory
+#   node.sh ray-worker IP HEAD_ADDRESS     a Ray worker node joining HEAD_ADDRESS (ip:port); the same
 #   node.sh wait-ray ADDRESS NODES TIMEOUT_S   returns once NODES Ray nodes are alive (error after TIMEOUT_S)
 #   node.sh rollout IP URLS_FILE CONFIG [key=value ...]
 #                                          rollout servers on this node's GPUs (launch/helpers.py rollout);
@@ -15,8 +16,9 @@
 # Knobs (environment):
 #   OPD_GPUS_PER_NODE      GPUs Ray advertises on each node (empty: Ray counts them itself)
 #   OPD_CPUS_PER_NODE      CPUs Ray advertises on each node (empty: Ray counts them itself)
-#   OPD_RAY_TMPDIR         Ray's session/log/socket root (empty: Ray's default /tmp/ray); keep the path short,
-#                          Ray's unix sockets must fit in 107 characters
+#   OPD_RAY_TMPDIR         where each Ray node gets its own directory for the job step (launch/common.sh
+#                          opd_ray_dir; default $RAY_TMPDIR, $TMPDIR or /tmp); keep the path short, Ray's unix
+#                          sockets must fit in 107 characters
 #   OPD_RAY_CLIENT_PORT    head: Ray client server port (Ray's default 10001)
 #   OPD_RAY_DASHBOARD_PORT head: start Ray's dashboard on this port (empty: no dashboard)
 #   OPD_RAY_AGENT_PORT     every node: the dashboard agent's HTTP port (Ray's default 52365)
@@ -30,9 +32,25 @@ ray_node_args() {  # flags shared by the head and the workers
     local args=(--disable-usage-stats --block)
     [[ -n ${OPD_GPUS_PER_NODE:-} ]] && args+=("--num-gpus=$OPD_GPUS_PER_NODE")
     [[ -n ${OPD_CPUS_PER_NODE:-} ]] && args+=("--num-cpus=$OPD_CPUS_PER_NODE")
-    [[ -n ${OPD_RAY_TMPDIR:-} ]] && args+=("--temp-dir=$OPD_RAY_TMPDIR")
     [[ -n ${OPD_RAY_AGENT_PORT:-} ]] && args+=("--dashboard-agent-listen-port=$OPD_RAY_AGENT_PORT")
     printf '%s\n' "${args[@]}"
+}
+
+ray_node() {  # ray_node ARGS...: `ray start ARGS` in this step's own Ray directory, removed once Ray has stopped
+    local dir pid rc=0
+    dir=$(opd_ray_dir)
+    mkdir -p "$dir"
+    opd_log "Ray directory $dir"
+    ray start "$@" "--temp-dir=$dir" &
+    pid=$!
+    # `ray start --block` stops its processes on SIGTERM; a kill (srun's way of ending a step) leaves the directory
+    # to launch/slurm/task_epilog.sh
+    trap 'kill -TERM "$pid" 2>/dev/null || true' TERM INT
+    while kill -0 "$pid" 2>/dev/null; do
+        wait "$pid" && rc=0 || rc=$?  # a trapped signal also ends `wait`; Ray may still be stopping
+    done
+    rm -rf "$dir"
+    return "$rc"
 }
 
 role=${1:?usage: node.sh ray-head|ray-worker|wait-ray|rollout|train ARGS}
@@ -47,12 +65,12 @@ case $role in
             args+=(--include-dashboard=false)
         fi
         [[ -n ${OPD_RAY_CLIENT_PORT:-} ]] && args+=("--ray-client-server-port=$OPD_RAY_CLIENT_PORT")
-        exec ray start --head "--node-ip-address=$ip" "--port=$port" "${args[@]}"
+        ray_node --head "--node-ip-address=$ip" "--port=$port" "${args[@]}"
         ;;
     ray-worker)
         ip=$1 head=$2
         mapfile -t args < <(ray_node_args)
-        exec ray start "--address=$head" "--node-ip-address=$ip" "${args[@]}"
+        ray_node "--address=$head" "--node-ip-address=$ip" "${args[@]}"
         ;;
     wait-ray)
         exec python "$OPD_HOME/launch/helpers.py" wait-ray --address "$1" --nodes "$2" --timeout "$3"

@@ -9,7 +9,9 @@
       manifest.json   the recipe, its hash, library versions, build time and measured accuracies
 
 Deterministic: fixed seeds, one CPU thread, ``torch.use_deterministic_algorithms``; the same recipe on the
-same library versions gives byte-identical files. A second call with a matching manifest does nothing.
+same library versions and the same kind of CPU gives byte-identical files (the vector instructions torch's and
+MKL's kernels use, recorded in the manifest, change the last bits and so the models). A second call with a
+matching manifest does nothing.
 """
 
 from __future__ import annotations
@@ -200,6 +202,8 @@ def build_demo_assets(
         "recipe_hash": recipe.digest(),
         "recipe": dataclasses.asdict(recipe),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        # the vector instructions torch's kernels used: the bytes depend on them (other CPUs, other models)
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "build_s": round(time.perf_counter() - start, 1),
         "measured": measured,
     }

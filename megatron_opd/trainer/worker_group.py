@@ -26,8 +26,8 @@ class WorkerGroupError(RuntimeError):
 
 
 def ensure_ray(num_cpus: int | None = None) -> None:
-    """Connect to the running Ray cluster (``RAY_ADDRESS``, e.g. started by the Slurm script) or
-    start a local one."""
+    """Connect to the Ray cluster ``RAY_ADDRESS`` names (e.g. the Slurm script's) or, without it, start a
+    private local one: never the cluster a stale ``/tmp/ray/ray_current_cluster`` or another local Ray names."""
     if ray.is_initialized():
         return
     env = {"PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false"}

@@ -19,6 +19,7 @@ from megatron_opd.convert.hf_io import HFCheckpointReader
 from megatron_opd.models.tiny import save_tiny_model, tiny_config
 from megatron_opd.platform.distributed import ParallelSizes
 from megatron_opd.platform.spawn import spawn_world
+from tests.tolerance import forward_atol
 
 pytestmark = pytest.mark.slow
 
@@ -167,6 +168,7 @@ def test_back_converted_loads_in_transformers(run: dict, name: str) -> None:
     model = AutoModelForCausalLM.from_pretrained(run["root"] / "back" / name / "B").eval()
     with torch.no_grad():
         logits = model(run["ids"]).logits
+    # bitwise: the same weights (test_round_trip_is_bitwise), class, inputs and process as the reference
     torch.testing.assert_close(logits, run["refs"][name], rtol=0, atol=0)
 
 
@@ -177,7 +179,9 @@ def test_checkpoint_loads_at_another_layout(run: dict, name: str, tag: str) -> N
     assert outs, "no rank returned logits"
     for got in outs:
         diff = (got - run["refs"][name]).abs().max().item()
-        assert diff <= 1e-4, f"{name}: written at {tag}, loaded at {OTHER[tag]}: max |megatron - transformers| = {diff}"
+        assert diff <= forward_atol(run["refs"][name]), (
+            f"{name}: written at {tag}, loaded at {OTHER[tag]}: max |megatron - transformers| = {diff}"
+        )
 
 
 @pytest.mark.parametrize("name", list(CASES))

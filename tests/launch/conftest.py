@@ -5,13 +5,20 @@ from __future__ import annotations
 import shutil
 import sys
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.launch.slurm_cluster import SlurmCluster, SlurmUnavailable, ensure_packages, free_port
+from tests.launch.slurm_cluster import (
+    SlurmCluster,
+    SlurmUnavailable,
+    ensure_packages,
+    free_port,
+    processes_with_cmdline,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_CONFIG = REPO / "configs" / "demo" / "cpu.yaml"
@@ -39,20 +46,37 @@ def slurm() -> Iterator[SlurmCluster]:
 
 @pytest.fixture
 def job_env(tmp_path: Path) -> Iterator[dict[str, str]]:
-    """OPD_* knobs for a test job: this interpreter's environment, ports and a Ray directory of its own (other
-    Ray clusters may run on this machine at the same time)."""
+    """OPD_* knobs for a test job: this interpreter's environment, ports, and a directory of its own standing for
+    the node's /tmp as Ray sees it (other Ray clusters may run on this machine at the same time): the scripts' Ray
+    directories go there (``OPD_RAY_TMPDIR``) and so would Ray's default ``ray/`` (``RAY_TMPDIR``)."""
     venv = Path(sys.prefix)
+    ray_root = Path(f"/tmp/opd-rt-{uuid.uuid4().hex[:8]}")  # short: Ray's socket paths must fit 107 bytes
+    ray_root.mkdir()
     env = {
         "OPD_VENV": str(venv) if (venv / "bin" / "activate").is_file() else "",
         "OPD_RAY_PORT": str(free_port()),
         "OPD_RAY_CLIENT_PORT": str(free_port()),
         "OPD_RAY_AGENT_PORT": str(free_port()),
-        "OPD_RAY_TMPDIR": f"/tmp/opd-ray-{uuid.uuid4().hex[:8]}",  # short: Ray's socket paths must fit 107 bytes
+        "OPD_RAY_TMPDIR": str(ray_root),
+        "RAY_TMPDIR": str(ray_root),
         "OPD_LOG_DIR": str(tmp_path / "logs"),
         "OMP_NUM_THREADS": "1",  # two cores shared by every process of the job
     }
     yield env
-    shutil.rmtree(env["OPD_RAY_TMPDIR"], ignore_errors=True)
+    shutil.rmtree(ray_root, ignore_errors=True)
+
+
+def ray_leftovers(env: dict[str, str], timeout_s: float = 30.0) -> list[str]:
+    """What a finished job's Ray left on the node: files in its stand-in for /tmp (``job_env``) and live processes
+    whose command line names a path there; waits up to ``timeout_s`` for them to go."""
+    root = env["RAY_TMPDIR"]
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = [str(p) for p in sorted(Path(root).iterdir())]
+        left += [f"pid {pid}: {cmd}" for pid, cmd in processes_with_cmdline(root)]
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.5)
 
 
 @pytest.fixture

@@ -78,14 +78,29 @@ def processes_with_env(key: str, value: str) -> list[tuple[int, str]]:
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit() and int(entry.name) != os.getpid():
-            if process_environ(int(entry.name)).get(key) == value:
-                try:  # zombies keep their environ until reaped; they run nothing
-                    if Path(f"/proc/{entry.name}/stat").read_text().split(") ")[-1].startswith("Z"):
-                        continue
-                except OSError:
-                    continue
+            # zombies keep their environ until reaped; they run nothing
+            if process_environ(int(entry.name)).get(key) == value and not is_zombie(int(entry.name)):
                 found.append((int(entry.name), process_cmdline(int(entry.name))))
     return found
+
+
+def processes_with_cmdline(fragment: str) -> list[tuple[int, str]]:
+    """(pid, command line) of every live process (zombies aside) whose command line contains ``fragment``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid() and not is_zombie(int(entry.name)):
+            cmd = process_cmdline(int(entry.name))
+            if fragment in cmd:
+                found.append((int(entry.name), cmd))
+    return found
+
+
+def is_zombie(pid: int) -> bool:
+    """Exited and not yet reaped (it runs nothing); a process that is gone counts too."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[-1].startswith("Z")
+    except OSError:
+        return True
 
 
 @dataclasses.dataclass
@@ -129,8 +144,15 @@ class SlurmCluster:
         return self
 
     def stop(self) -> list[str]:
-        """Stop the daemons (slurmds first); returns what was left behind (empty when clean)."""
+        """Cancel the jobs still there (a failed test leaves its job running) and stop the daemons (slurmds first);
+        returns what was left behind (empty when clean)."""
         left = []
+        if self.daemons.get("slurmctld") and self.daemons["slurmctld"].poll() is None:
+            jobs = self._try("squeue", "--noheader", "--format=%i").split()
+            if jobs:
+                self._try("scancel", *jobs)
+                left += [f"job {job} still running at the end: cancelled" for job in jobs]
+                self.wait_gone(timeout_s=60)
         for name in sorted(self.daemons, key=lambda n: ("slurmd" not in n, n != "munged")):
             proc = self.daemons[name]
             if proc.poll() is None:

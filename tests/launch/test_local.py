@@ -1,4 +1,5 @@
-"""launch/local.sh with the CPU demo config: Ctrl-C during training checkpoints the step and stops cleanly."""
+"""launch/local.sh with the CPU demo config: Ctrl-C during training checkpoints the step and stops cleanly, leaving
+no process and no Ray file behind."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import time
 import uuid
 from pathlib import Path
 
-from tests.launch.conftest import REPO
+from tests.launch.conftest import REPO, ray_leftovers
 from tests.launch.slurm_cluster import processes_with_env
 from tests.launch.test_slurm import checkpoints, steps_logged
 
@@ -40,3 +41,5 @@ def test_interrupt_checkpoints_and_cleans_up(tmp_path: Path, job_env: dict[str, 
     while (left := processes_with_env("OPD_TEST_MARKER", marker)) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not left, f"local.sh left processes behind: {left}"
+    left = ray_leftovers(env)
+    assert not left, f"local.sh left Ray behind: {left}"

@@ -3,7 +3,8 @@
 - one run through the life of a job: a 2-node start (Ray worker joined), the time limit's USR1 (checkpoint,
   requeue, the requeued attempt resumes), a plain `scancel` (everything ends, nothing left), a resubmission
   with the rollouts served from the second node (`opd serve`, the trainer attached to its URL) that resumes
-  and completes with checkpoint, metrics and summary;
+  and completes with checkpoint, metrics and summary; after every attempt the node holds no Ray process, Ray
+  directory or ``ray_current_cluster`` of the job;
 - a layout the allocation cannot hold fails before anything starts.
 """
 
@@ -18,8 +19,8 @@ from pathlib import Path
 import yaml
 
 from megatron_opd.trainer.checkpoint import CheckpointManager
-from tests.launch.conftest import REPO
-from tests.launch.slurm_cluster import SlurmCluster
+from tests.launch.conftest import REPO, ray_leftovers
+from tests.launch.slurm_cluster import SlurmCluster, processes_with_cmdline
 
 SBATCH = REPO / "launch" / "slurm" / "opd.sbatch"
 STEPS = 12  # enough that every stop lands before the end
@@ -74,9 +75,18 @@ def wait_for(
         time.sleep(1.0)
 
 
-def assert_clean(slurm: SlurmCluster, job_id: int) -> None:
+def assert_clean(slurm: SlurmCluster, job_id: int, env: dict[str, str]) -> None:
+    """The node as the job found it: no process of the job, no Ray process or file of it (Ray directories, Ray's
+    default ``ray/`` with its ``ray_current_cluster``)."""
     left = slurm.wait_gone(job_id, timeout_s=60)
     assert not left, f"job {job_id} left processes behind: {left}"
+    left = ray_leftovers(env)
+    assert not left, f"job {job_id} left Ray behind: {left}"
+
+
+def ray_dirs(env: dict[str, str]) -> list[str]:
+    """The Ray directories of running jobs (launch/common.sh opd_ray_dir: opd-ray-JOB-ATTEMPT.STEP)."""
+    return sorted(p.name for p in Path(env["OPD_RAY_TMPDIR"]).glob("opd-ray-*"))
 
 
 def test_stop_requeue_cancel_resume_complete(
@@ -91,6 +101,9 @@ def test_stop_requeue_cancel_resume_complete(
     wait_for("a first step", lambda: steps_logged(run), 300, slurm, job, tmp_path)
     assert "wait-ray: 2 Ray node(s) alive" in output(tmp_path, job)
     assert (logs / "ray-worker-n2.log").is_file()
+    # each Ray node in a directory of the job's own (steps 0 and 1 of attempt 0: the head, the worker)
+    assert ray_dirs(job_env) == [f"opd-ray-{job}-0.0", f"opd-ray-{job}-0.1"]
+    assert not (Path(job_env["RAY_TMPDIR"]) / "ray").exists()
 
     # the time limit's warning is USR1 to the batch shell only (--signal=B:USR1@300): checkpoint, then requeue
     subprocess.run(["scancel", "--batch", "--signal=USR1", str(job)], env=slurm.env(), check=True)
@@ -99,15 +112,17 @@ def test_stop_requeue_cancel_resume_complete(
     assert "opd train exited with code 138" in output(tmp_path, job), output(tmp_path, job)[-4000:]
     assert checkpoints(run)[-1] == first[-1] < STEPS, "the stop must checkpoint the last finished step"
 
-    # attempt 1 (Slurm starts it again): resumes at the next step
+    # attempt 1 (Slurm starts it again): resumes at the next step; attempt 0's Ray is gone, processes and files
     wait_for("a resumed step", lambda: len(steps_logged(run)) > len(first), 300, slurm, job, tmp_path)
     assert steps_logged(run)[len(first)] == first[-1] + 1
+    assert ray_dirs(job_env) == [f"opd-ray-{job}-1.0", f"opd-ray-{job}-1.1"]
+    assert not processes_with_cmdline(f"opd-ray-{job}-0.")
 
     # a plain scancel: Slurm signals every process of the job at once; it ends and nothing survives
     subprocess.run(["scancel", str(job)], env=slurm.env(), check=True)
     info = slurm.wait_job(job, {"CANCELLED"}, timeout_s=120)
     assert info["Restarts"] == "1"
-    assert_clean(slurm, job)
+    assert_clean(slurm, job, job_env)
 
     # a resubmission, with the rollouts served from the second node: resumes after the last complete
     # checkpoint and runs to the end
@@ -126,7 +141,7 @@ def test_stop_requeue_cancel_resume_complete(
     assert f"resuming from {run / 'checkpoints' / f'iter_{last:07d}'}" in log, log[-4000:]
     assert checkpoints(run)[-1] == STEPS
     assert json.loads((run / "summary.json").read_text())["steps"] == STEPS
-    assert_clean(slurm, again)
+    assert_clean(slurm, again, job_env)
 
 
 def test_layout_the_allocation_cannot_hold(slurm: SlurmCluster, tmp_path: Path, job_env: dict[str, str]):
@@ -135,4 +150,4 @@ def test_layout_the_allocation_cannot_hold(slurm: SlurmCluster, tmp_path: Path, 
     info = slurm.wait_job(job, {"COMPLETED", "FAILED", "CANCELLED"}, timeout_s=60)
     assert info["JobState"] == "FAILED"
     assert "OPD_ROLLOUT_NODES=1 leaves no node for training in a 1-node job" in output(tmp_path, job)
-    assert_clean(slurm, job)
+    assert_clean(slurm, job, env)

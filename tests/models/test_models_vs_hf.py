@@ -9,6 +9,7 @@ import torch
 
 from megatron_opd.models.tiny import save_tiny_model, tiny_config
 from megatron_opd.platform.spawn import spawn_world
+from tests.tolerance import FORWARD_ULPS, forward_atol, ulps
 
 # name -> (config overrides, moe, TP, PP, EP)
 CASES: dict[str, tuple[dict, bool, int, int, int]] = {
@@ -98,8 +99,8 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[torch.T
         for name in dirs:
             outs = [r[name] for r in per_rank if r[name] is not None]
             assert outs, f"{name}: no rank returned logits"
-            for o in outs[1:]:  # every last-stage rank agrees
-                torch.testing.assert_close(o, outs[0], rtol=0, atol=1e-6)
+            for o in outs[1:]:  # every last-stage rank agrees (DP replicas' tokens meet in other expert batches)
+                torch.testing.assert_close(o, outs[0], rtol=0, atol=forward_atol(outs[0]))
             got[name] = outs[0]
     return {n: (got[n], refs[n]) for n in CASES}
 
@@ -110,7 +111,7 @@ def test_logits_match_transformers(results: dict[str, tuple[torch.Tensor, torch.
     ours, ref = results[name]
     assert ours.shape == ref.shape
     diff = (ours - ref).abs().max().item()
-    assert diff <= 1e-4, f"{name}: max |megatron - transformers| = {diff:.3e}"
+    assert diff <= forward_atol(ref), f"{name}: max |megatron - transformers| = {diff:.3e}"
 
 
 def _grads(path: str, ids: torch.Tensor, tp: int, recompute: str | None = None) -> dict[str, torch.Tensor]:
@@ -165,4 +166,6 @@ def test_tp2_gradients_equal_tp1(grads_tp1: tuple, recompute: str | None) -> Non
     g2 = spawn_world(_grads, 2, path, ids, 2, recompute)[0]
     assert g1.keys() == g2.keys()
     for name in g1:
-        torch.testing.assert_close(g2[name], g1[name], rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+        # a forward and a backward pass in another layout: 2 × FORWARD_ULPS of the largest |entry|
+        atol = ulps(torch.float32, g1[name].abs().max(), 2 * FORWARD_ULPS)
+        torch.testing.assert_close(g2[name], g1[name], rtol=0, atol=atol, msg=lambda m, n=name: f"{n}: {m}")

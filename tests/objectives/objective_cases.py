@@ -17,6 +17,7 @@ from megatron_opd.objectives.config import ObjectiveConfig
 from megatron_opd.objectives.metrics import reduce_metrics
 from megatron_opd.objectives.registry import build_objective
 from tests.objectives import objective_plain as plain
+from tests.tolerance import ulps
 
 TEACHERS = ("math", "code")
 
@@ -42,6 +43,20 @@ class Case:
     @property
     def teacher_lp(self) -> Tensor:
         return torch.stack([plain.log_softmax_row(r / self.temperature) for r in self.zt])
+
+
+def logit_scale(case: Case) -> float:
+    """max |z| over the case's finite student and teacher logits."""
+    z = torch.cat([case.zs.flatten(), case.zt.flatten()])
+    return z[torch.isfinite(z)].abs().max().item()
+
+
+def fp32_tol(scale: float, value: float) -> float:
+    """Tolerance of a loss, gradient entry or metric of the production objective (fp32) against another way of
+    computing it (the float64 formulas, other micro-batches, other branches): every log-prob rounds at the logits'
+    ``scale`` (32 ulps, as the kernels) and the value multiplies such numbers by factors of its own size:
+    32 fp32 ulps of scale × max(1, |value|)."""
+    return ulps(torch.float32, scale * max(1.0, abs(value)), 32)
 
 
 def make_case(

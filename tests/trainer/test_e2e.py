@@ -20,6 +20,7 @@ import pytest
 from megatron_opd.rollout.sglang.launcher import ServerProcesses
 from tests.rollout.conftest import serve_commands
 from tests.tiny_runs import save_model, tokenizer_config, write_task_data
+from tests.tolerance import FORWARD_ULPS, metric_atol
 
 CONFIG = """
 student:
@@ -75,11 +76,13 @@ def metrics(run: Path) -> dict[int, dict]:
     return {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
 
 
-def same_steps(got: dict[int, dict], want: dict[int, dict], rel: float) -> None:
+def same_steps(got: dict[int, dict], want: dict[int, dict], ulps: float) -> None:
+    """Steps 1-3 agree to ``ulps`` fp32 ulps of each metric."""
     assert sorted(got) == sorted(want) == [1, 2, 3]
     for step in (1, 2, 3):
         for key in ("train/loss", "train/grad_norm", "teacher/reverse_kl", "rollout/response_len"):
-            assert got[step][key] == pytest.approx(want[step][key], rel=rel, abs=1e-9), (step, key)
+            tol = metric_atol(want[step][key], ulps)
+            assert got[step][key] == pytest.approx(want[step][key], rel=0, abs=tol), (step, key)
 
 
 @pytest.fixture(scope="module")
@@ -129,13 +132,15 @@ def test_run_outputs(runs: dict[str, Path]) -> None:
 
 @pytest.mark.slow
 def test_resume_continues_exactly(runs: dict[str, Path]) -> None:
-    same_steps(metrics(runs["resumed"]), metrics(runs["full"]), rel=1e-6)
+    same_steps(metrics(runs["resumed"]), metrics(runs["full"]), ulps=8)  # the same computation, restored state
 
 
 @pytest.mark.slow
 def test_served_rollouts_with_memory_release_train_the_same(runs: dict[str, Path]) -> None:
     served = metrics(runs["served"])
-    same_steps(served, metrics(runs["full"]), rel=1e-4)  # served: other batch shapes, same tokens
+    # served: the same tokens, scored and trained on as before; their rollout log-probs came through other batch
+    # shapes (a forward pass's rounding) and enter the loss through the importance weights
+    same_steps(served, metrics(runs["full"]), ulps=2 * FORWARD_ULPS)
     for step in (1, 2, 3):
         assert served[step]["rollout/memory_releases"] == step and served[step]["rollout/server_failures"] == 0
     summaries = [json.loads((runs[r] / "summary.json").read_text()) for r in ("full", "served")]

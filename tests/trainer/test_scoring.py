@@ -12,6 +12,7 @@ import torch
 from megatron_opd.models.tiny import save_tiny_model, tiny_config
 from megatron_opd.platform.spawn import spawn_world
 from megatron_opd.trainer.batch import split_for_data_parallel
+from tests.tolerance import forward_atol
 from tests.trainer.conftest import VOCAB, hf_scores, make_samples, worker_spec
 
 TOP_K = 5
@@ -49,6 +50,10 @@ def test_scores_match_transformers_float64(tmp_path, moe: bool, tp: int, ep: int
     assert sorted(got) == [s.uid for s in samples]
     for s in samples:
         g, r = got[s.uid], ref[s.uid]
-        torch.testing.assert_close(g["logp"].double(), r["logp"], atol=2e-5, rtol=0)
-        torch.testing.assert_close(g["topk_logp"].double(), r["topk_logp"], atol=2e-5, rtol=0)
+        # Megatron against transformers, both fp32 forwards on the same weights (log-softmax in float64 on the
+        # transformers side): a forward pass's rounding at the scale of the log-probs (this model's logits are far
+        # smaller than log V)
+        atol = forward_atol(torch.cat([r["logp"], r["topk_logp"].flatten()]))
+        torch.testing.assert_close(g["logp"].double(), r["logp"], atol=atol, rtol=0)
+        torch.testing.assert_close(g["topk_logp"].double(), r["topk_logp"], atol=atol, rtol=0)
         assert torch.equal(g["topk_ids"], r["topk_ids"])

@@ -170,11 +170,13 @@ def sglang_checks() -> list[Check]:
     from megatron_opd.rollout.config import SGLangConfig
     from megatron_opd.rollout.sglang import protocol
     from megatron_opd.rollout.sglang.launcher import sglang_server_commands
-    from megatron_opd.rollout.sglang.weight_sync import DistributedWeightSync
+    from megatron_opd.rollout.sglang.weight_sync import DistributedWeightSync, LocalWeightSender
 
     io = "srt/managers/io_struct.py"
     prompt = protocol.generate_body([[1]], SamplingParams(), [0])
-    sync = DistributedWeightSync(["http://h:1"], [1], post=lambda *a: {}, master_address="h", master_port=1)
+    sync = DistributedWeightSync(
+        ["http://h:1"], [1], post=lambda *a: {}, sender=LocalWeightSender(), master_address="h", master_port=1
+    )
     command = sglang_server_commands(
         SGLangConfig(deterministic_inference=True), "/m", seed=0, python="python", memory_saver=True
     )[0].command
@@ -188,7 +190,7 @@ def sglang_checks() -> list[Check]:
     return [
         Check(io, "fields", "GenerateReqInput", (*prompt, "text", "rid", "stream", "logprob_start_len", "top_logprobs_num"), "sglang/protocol.py generate_body, opd serve"),
         Check(io, "fields", "UpdateWeightFromDiskReqInput", tuple(protocol.update_weights_from_disk_body("/w", "1")), "update_weights_from_disk_body"),
-        Check(io, "fields", "InitWeightsUpdateGroupReqInput", tuple(sync.init_bodies()[0]), "weight_sync.py init_bodies"),
+        Check(io, "fields", "InitWeightsUpdateGroupReqInput", tuple(sync.init_bodies("h", 1)[0]), "weight_sync.py init_bodies"),
         Check(io, "fields", "UpdateWeightsFromDistributedReqInput", tuple(protocol.update_weights_from_distributed_body([], [], [], "g", "1")), "update_weights_from_distributed_body"),
         Check(io, "fields", "DestroyWeightsUpdateGroupReqInput", ("group_name",), "weight_sync.py destroy"),
         Check(io, "fields", "BeginWeightUpdateReqInput", tuple(protocol.begin_weight_update_body()), "client.py _update_distributed"),

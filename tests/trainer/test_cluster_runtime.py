@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from megatron_opd.config.errors import ConfigError
-from megatron_opd.config.schema import OPDConfig
+from megatron_opd.config.schema import OPDConfig, TeacherConfig
 from megatron_opd.models.tiny import save_tiny_model, tiny_config
 from megatron_opd.platform.spawn import spawn_world
 from megatron_opd.rollout.config import is_loopback
@@ -140,6 +140,7 @@ def test_fp32_offload_with_the_distributed_optimizer_is_refused(student: str) ->
     cfg = OPDConfig()
     cfg.student.path = student
     cfg.objective.name = "sft"
+    cfg.teachers = [TeacherConfig(name="t", path=student)]
     cfg.student.dtype, cfg.student.offload_when_idle = "fp32", True
     with pytest.raises(ConfigError, match=r"student.offload_when_idle=True: fp32 parameters with the distributed"):
         cfg.validate()

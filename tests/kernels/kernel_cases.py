@@ -8,8 +8,8 @@ import os
 import torch
 import torch.distributed as dist
 
-from megatron_opd.kernels import linear_token_logprobs, token_logprobs, topk_logprobs
-from megatron_opd.kernels.reference import token_logprobs_reference
+from megatron_opd.kernels import linear_token_logprobs, linear_topk_logprobs, token_logprobs, topk_logprobs
+from megatron_opd.kernels.token_logprobs import token_logprobs_reference
 
 
 def make_case(
@@ -130,10 +130,14 @@ def assert_close_grad(grad, ref_grad, dtype: torch.dtype) -> None:
     torch.testing.assert_close(grad.double(), ref_grad, atol=tol, rtol=1e-2 if dtype != torch.float32 else 1e-4)
 
 
+LINEAR_TOPK = 4  # k of the fused LM-head scoring in the TP world
+
+
 def tp_worker(cases: list[tuple], linear_cases: list[tuple]) -> bytes:
     """One TP rank. For each ``(backend, logits, labels, ids, temperature, k, splits)``: its shard's outputs,
     gradient and global top-k (even split, or ``splits`` widths); for each ``(backend, hidden, weight, labels, ids,
-    temperature, chunk)``: the fused LM head's outputs and gradients with this rank's (even) weight shard.
+    temperature, chunk)``: the fused LM head's outputs and gradients with this rank's (even) weight shard (backward
+    in column chunks of ``chunk`` too), and its top-``LINEAR_TOPK`` scoring.
     Serialized: tensors sent through the result queue would be shared by file descriptor with a process that has
     exited."""
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -151,10 +155,17 @@ def tp_worker(cases: list[tuple], linear_cases: list[tuple]) -> bytes:
     for backend, hidden, weight, labels, ids, temperature, chunk in linear_cases:
         os.environ["OPD_KERNELS"] = backend
         w = weight.chunk(world)[rank].contiguous()
-        out, d_h, d_w = linear_ours_with_grad(
-            hidden, w, labels, ids, temperature, tp_group=dist.group.WORLD, chunk_tokens=chunk
+        kw = dict(tp_group=dist.group.WORLD, chunk_tokens=chunk)
+        out, d_h, d_w = linear_ours_with_grad(hidden, w, labels, ids, temperature, chunk_columns=chunk, **kw)
+        scores = linear_topk_logprobs(hidden, w, labels, LINEAR_TOPK, ids, temperature=temperature, **kw)
+        results.append(
+            {
+                "out": [None if t is None else t.detach() for t in out],
+                "d_hidden": d_h,
+                "d_weight": d_w,
+                "topk": list(scores),
+            }
         )
-        results.append({"out": [None if t is None else t.detach() for t in out], "d_hidden": d_h, "d_weight": d_w})
     buf = io.BytesIO()
     torch.save(results, buf)
     return buf.getvalue()

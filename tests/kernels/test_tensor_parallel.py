@@ -1,15 +1,18 @@
 """TP=2 over gloo: each rank holds a vocab shard; outputs equal the float64 full-vocab reference on every rank,
 the concatenated shard gradients equal the reference gradient, and the global top-k is the same on both ranks;
-likewise for the fused LM head (hidden-state gradient summed over the group, weight-shard gradients concatenated).
+likewise for the fused LM head (hidden-state gradient summed over the group, weight-shard gradients concatenated)
+and its top-k scoring (label, ids and global top-k in one pass per chunk, from each rank's weight shard).
 All cases run in one spawned world (starting one costs ~15 s on this machine)."""
 
 from __future__ import annotations
 
 import torch
 
-from megatron_opd.kernels.reference import topk_logprobs_reference
+from megatron_opd.kernels.linear_topk import TopkLogprobs, linear_topk_logprobs_reference
+from megatron_opd.kernels.topk import topk_logprobs_reference
 from megatron_opd.platform.spawn import spawn_world
 from tests.kernels.kernel_cases import (
+    LINEAR_TOPK,
     assert_close_grad,
     assert_close_outputs,
     linear_reference_with_grad,
@@ -60,8 +63,18 @@ def test_tp2_matches_full_vocab_reference() -> None:
         assert_close_grad(torch.cat([r0["grad"], r1["grad"]], dim=1), ref_grad, dtype)
     for i, (name, (_, _, _, _, _, dtype, temperature, _)) in enumerate(LINEAR_CASES.items(), start=len(CASES)):
         ref, ref_dh, ref_dw = linear_reference_with_grad(*linear_inputs[name], temperature)
+        hidden, weight, labels, ids = linear_inputs[name]
+        ref_top = linear_topk_logprobs_reference(hidden, weight, labels, LINEAR_TOPK, ids, temperature=temperature)
+        full = torch.log_softmax((hidden @ weight.t()).double() / temperature, -1)
         r0, r1 = per_rank[0][i], per_rank[1][i]
         for r in (r0, r1):
             assert_close_outputs(r["out"], ref, atol=3e-5 if dtype == torch.float32 else 2e-3)
             assert_close_grad(r["d_hidden"], ref_dh, dtype)  # summed over the TP group
+            top = TopkLogprobs(*r["topk"])
+            for got, want in [(top.logprobs, ref_top.logprobs), (full.gather(1, top.ids), ref_top.logprobs)] + [
+                (getattr(top, f), getattr(ref_top, f)) for f in ("label_logprob", "entropy", "ids_logprob")
+            ]:
+                torch.testing.assert_close(got.double(), want, atol=3e-5, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
         assert_close_grad(torch.cat([r0["d_weight"], r1["d_weight"]]), ref_dw, dtype)
+        for a, b in zip(r0["topk"], r1["topk"]):
+            assert torch.equal(a, b), f"{name}: ranks differ"

@@ -1,0 +1,71 @@
+"""Every config of the Triton kernels' autotune space, in the interpreter, against float64 on the full vocabulary.
+
+Triton's autotuner cannot benchmark in the interpreter (it needs a GPU driver; with more than one config it raises),
+so the backend launches a single config there — the first the space keeps for the width — and any config pinned by
+``OPD_TRITON_*``. Here each config of ``triton_backend.CONFIGS`` is pinned in turn, on widths of two full tiles and a
+ragged one and on row counts that leave the last program one row: token log-probs with entropy, ids and gradients
+(also written over the logits), and the fused LM-head scoring (label, ids and top-k in one pass per chunk)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import triton
+
+from megatron_opd.kernels import linear_topk_logprobs, triton_backend
+from megatron_opd.kernels.linear_topk import linear_topk_logprobs_reference
+from megatron_opd.kernels.token_logprobs import backward_coefficients
+from megatron_opd.kernels.vocab_parallel import Targets, vocab_shard
+from tests.kernels.kernel_cases import (
+    assert_close_grad,
+    assert_close_outputs,
+    make_case,
+    make_linear_case,
+    ours_with_grad,
+    reference_with_grad,
+)
+
+CONFIG_IDS = [f"{c.kwargs['BLOCK_V']}x{c.num_warps}w_rows{c.kwargs['ROWS']}" for c in triton_backend.CONFIGS]
+
+
+@pytest.fixture(params=triton_backend.CONFIGS, ids=CONFIG_IDS)
+def pinned(request, monkeypatch) -> triton.Config:
+    config = request.param
+    monkeypatch.setenv("OPD_KERNELS", "triton")
+    monkeypatch.setenv("OPD_TRITON_BLOCK_V", str(config.kwargs["BLOCK_V"]))
+    monkeypatch.setenv("OPD_TRITON_NUM_WARPS", str(config.num_warps))
+    monkeypatch.setenv("OPD_TRITON_ROWS", str(config.kwargs["ROWS"]))
+    return config
+
+
+def test_token_logprobs_and_grad(pinned: triton.Config) -> None:
+    block, rows = pinned.kwargs["BLOCK_V"], pinned.kwargs["ROWS"]
+    n, v = rows + 1, block + 37  # two programs, the last with one row; a full tile and a ragged one
+    logits, labels, ids = make_case(block + rows, n, v, 5, dtype=torch.bfloat16, neg_inf=True)
+    out, grad = ours_with_grad(logits, labels, ids, 0.8)
+    ref, ref_grad = reference_with_grad(logits, labels, ids, 0.8)
+    assert_close_outputs(out, ref, atol=5e-5)
+    assert_close_grad(grad, ref_grad, torch.bfloat16)
+    # the same gradient written over the logits (the fused LM head's backward does so)
+    shard = vocab_shard(v, None, None)
+    targets = Targets.of(labels, ids, shard)
+    saved = torch.stack([logits.float().amax(1), torch.rand(n) + 3, torch.rand(n)], dim=1)
+    row_vals, g_ids = backward_coefficients(saved, targets, torch.randn(n), torch.randn(n), torch.randn(n, 5))
+    args = (targets.labels_local, targets.ids_local, row_vals, g_ids, 0.8)
+    fresh = triton_backend.grad_logits(logits, *args)
+    in_place = logits.clone()
+    assert triton_backend.grad_logits(in_place, *args, out=in_place) is in_place
+    assert torch.equal(in_place, fresh)
+
+
+def test_linear_topk_scoring(pinned: triton.Config) -> None:
+    block, rows = pinned.kwargs["BLOCK_V"], pinned.kwargs["ROWS"]
+    n, v, k = rows + 1, block + 37, 8
+    hidden, weight, labels, ids = make_linear_case(block + rows, n, 8, v, 3, torch.bfloat16)
+    out = linear_topk_logprobs(hidden, weight, labels, k, ids, temperature=0.9, chunk_tokens=rows + 1)
+    ref = linear_topk_logprobs_reference(hidden, weight, labels, k, ids, temperature=0.9)
+    full = torch.log_softmax((hidden @ weight.t()).double() / 0.9, -1)
+    torch.testing.assert_close(out.logprobs.double(), ref.logprobs, atol=5e-5, rtol=0)
+    torch.testing.assert_close(full.gather(1, out.ids), ref.logprobs, atol=5e-5, rtol=0)  # ties: any of the ids
+    for name in ("label_logprob", "entropy", "ids_logprob"):
+        torch.testing.assert_close(getattr(out, name).double(), getattr(ref, name), atol=5e-5, rtol=0)

@@ -48,7 +48,8 @@ TILES = ((1024, 4), (2048, 4), (2048, 8), (4096, 8), (4096, 16), (8192, 16), (81
 ROWS_PER_PROGRAM = (1, 4)
 MAX_ROW_RUN = 1 << 18  # several rows per program only while ROWS·V stays below this many logits (short rows)
 MAX_GROUP = 256  # logits per top-k group
-MAX_SELECT = 16384  # group maxima + candidates one program selects from; beyond (k in the thousands) the torch path
+MAX_SELECT = 16384  # group maxima + candidates one program selects from (< 2^16, counted in half an int32);
+# beyond (k in the thousands) the torch path
 CONFIGS = [triton.Config({"BLOCK_V": b, "ROWS": r}, num_warps=w) for b, w in TILES for r in ROWS_PER_PROGRAM]
 PIN_DEFAULTS = {"BLOCK_V": 4096, "num_warps": 8, "ROWS": 1}
 
@@ -119,21 +120,27 @@ def _order_key(value, KEY_BITS: tl.constexpr):
 @triton.jit
 def _take_k(key, valid, k, KEY_BITS: tl.constexpr):
     """For a 1-D ``key``: the mask of exactly ``min(k, #valid)`` entries — those above the k-th largest valid key and
-    the lowest-indexed ones equal to it — and each one's slot (rank in index order). The k-th largest key is found
-    bit by bit from the top: KEY_BITS counting passes, no sorting (a 16-bin histogram per 4 bits takes as many
-    instructions on sm_90 and twice the registers)."""
-    lo: tl.constexpr = -(1 << (KEY_BITS - 1))  # below every valid key
+    the lowest-indexed ones equal to it — and each one's slot (rank in index order). The threshold is found bit by
+    bit from the top by counting (no sorting; a 16-bin histogram per 4 bits takes as many instructions on sm_90 and
+    twice the registers), stopping early once exactly k keys reach it."""
+    lo = -(1 << (KEY_BITS - 1))  # below every valid key
     key = tl.where(valid, key, lo)
     t = tl.full([], lo, tl.int64)  # the largest t with #(key >= t) >= k so far
-    for b in tl.static_range(KEY_BITS):
-        cand = t + (1 << (KEY_BITS - 1 - b))
+    bit = KEY_BITS - 1
+    count = k + 1
+    while (bit >= 0) & (count != k):
+        cand = t + (tl.full([], 1, tl.int64) << bit)
         count = tl.sum((key >= cand.to(tl.int32)).to(tl.int32), axis=0)
         t = tl.where(count >= k, cand, t)
+        bit -= 1
     theta = t.to(tl.int32)
+    above = key > theta
     tie = (key == theta) & valid
-    need = k - tl.sum((key > theta).to(tl.int32), axis=0)
-    take = (key > theta) | (tie & (tl.cumsum(tie.to(tl.int32), axis=0) <= need))
-    return take, tl.cumsum(take.to(tl.int32), axis=0) - 1
+    # one prefix sum counts both (ties in the high half): slots go to the keys above and the first `need` ties
+    ranks = tl.cumsum((tie.to(tl.int32) << 16) | above.to(tl.int32), axis=0)
+    need = k - tl.sum(above.to(tl.int32), axis=0)
+    take = above | (tie & ((ranks >> 16) <= need))
+    return take, (ranks & 0xFFFF) + tl.minimum(ranks >> 16, need) - 1
 
 
 @triton.jit

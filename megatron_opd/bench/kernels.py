@@ -7,7 +7,8 @@ Ops (bf16 logits ``[N, V_local]``, one TP rank's shard simulated on one device; 
   (``token_logprobs(ids=...)`` -> ``support_divergence``: AOPD / LSM / top-K GKD's student side).
 - ``topk``: forward-only global top-K ids and log-probs (teacher scoring).
 - ``lmhead``: ``logprob_entropy`` from hidden states ``[N, --hidden]`` and the LM-head shard (``ours`` =
-  ``linear_token_logprobs``, no logits tensor). CUDA default only.
+  ``linear_token_logprobs``, no logits tensor; ``ours_loss`` = ``linear_logprob_loss``, the gradient computed in the
+  forward in three matmuls, as Liger does). CUDA default only.
 - ``lmhead_topk``: forward-only top-K, label log-prob and entropy from hidden states (``linear_topk_logprobs``:
   teacher scoring without the logits). CUDA default only.
 
@@ -41,6 +42,8 @@ import torch
 from megatron_opd.bench.common import device_name, list_arg, peak_bytes, time_ms, write_records
 from megatron_opd.bench.model_setup import matmul_peak_tflops
 from megatron_opd.kernels import (
+    TokenLogprobs,
+    linear_logprob_loss,
     linear_token_logprobs,
     linear_topk_logprobs,
     support_divergence,
@@ -61,7 +64,8 @@ TARGETS = {
     ("topk", 2): 0.70,
 }
 CPU_OPS = ("logprob_entropy", "topk_kl", "topk")  # a [256 x 2048] x [2048 x 151936] bf16 matmul is slow on 2 cores
-IMPLS = ("torch", "ours", "liger", "megatron")  # torch first: the others' lines print their ratios to it
+# torch first: the others' lines print their ratios to it; ours_loss: the LM head with the gradient in the forward
+IMPLS = ("torch", "ours", "ours_loss", "liger", "megatron")
 VOCAB = 151936
 GPU_MATRIX = dict(n=[4096, 16384, 32768], widths=[151936, 37984], k=[32, 64])
 CPU_MATRIX = dict(n=[256], widths=[151936, 37984], k=[32])
@@ -196,6 +200,8 @@ def build_run(op: str, impl: str, x: Inputs) -> tuple[Callable[[], None] | None,
 
     if op in LMHEAD_OPS:
         return _lmhead_run(op, impl, x, backward)
+    if impl == "ours_loss":
+        return None, "ours_loss is the LM head's op (lmhead)"
     if impl == "ours":
         if op == "logprob_entropy":
             return lambda: backward(_loss_lp_ent(*token_logprobs(z, labels)[:2])), ""
@@ -246,6 +252,12 @@ def _lmhead_run(op: str, impl: str, x: Inputs, backward: Callable[[torch.Tensor]
         return None, f"{impl} has no comparable op"
     if impl == "ours":
         return lambda: backward(_loss_lp_ent(*linear_token_logprobs(h, w, labels)[:2])), ""
+    if impl == "ours_loss":
+
+        def row_loss(out: TokenLogprobs, rows: slice) -> torch.Tensor:  # the per-row terms of _loss_lp_ent
+            return -out.label_logprob - 0.01 * out.entropy
+
+        return lambda: backward(linear_logprob_loss(h, w, labels, row_loss)[0]), "gradient in the forward"
     if impl == "torch":
         return lambda: backward(_loss_lp_ent(*_torch_lp_ent(h @ w.t(), labels))), ""
     if impl == "liger" and h.is_cuda:
@@ -362,7 +374,7 @@ def chosen_configs() -> str:
 def target_lines(records: list[Record]) -> list[str]:
     """One line per (op, N, V, K) measured by ``ours``: its fraction of the floor, Liger's, the target, met or not."""
     lines = []
-    for rec in (r for r in records if r.impl == "ours" and r.time_ms is not None):
+    for rec in (r for r in records if r.impl in ("ours", "ours_loss") and r.time_ms is not None):
         liger = next(
             (r for r in records if (r.op, r.n, r.v, r.k, r.impl) == (rec.op, rec.n, rec.v, rec.k, "liger")), None
         )
@@ -381,7 +393,7 @@ def target_lines(records: list[Record]) -> list[str]:
         other += "" if liger_ms is None else f" ({rec.time_ms:.2f} vs {liger_ms:.2f} ms)"
         verdict = "unknown (no Liger)" if met is None else ("met" if met else "NOT met")
         lines.append(
-            f"target {rec.op:15s} n={rec.n:<6d} v={rec.v:<7d}(tp{rec.tp}) k={rec.k:<3d} ours {frac}{other}; "
+            f"target {rec.op:15s} n={rec.n:<6d} v={rec.v:<7d}(tp{rec.tp}) k={rec.k:<3d} {rec.impl} {frac}{other}; "
             f"{want}: {verdict}"
         )
     return lines

@@ -1,5 +1,6 @@
 """Vocab-sized math for OPD objectives (OBJECTIVES.md §1-§5): sampled-token log-probs, entropy and log-probs at
-given ids with autograd (also straight from hidden states and the LM-head shard), global top-k across
+given ids with autograd (also straight from hidden states and the LM-head shard, and as a loss whose gradient the
+forward computes), global top-k across
 tensor-parallel ranks (also fused with the LM head and the sampled-token log-prob), and the divergence family on a
 top-K support.
 
@@ -9,6 +10,7 @@ See ``docs/kernels.md``."""
 
 from megatron_opd.kernels.divergence import support_divergence
 from megatron_opd.kernels.linear import linear_token_logprobs
+from megatron_opd.kernels.linear_loss import linear_logprob_loss
 from megatron_opd.kernels.linear_topk import TopkLogprobs, linear_topk_logprobs
 from megatron_opd.kernels.token_logprobs import TokenLogprobs, token_logprobs
 from megatron_opd.kernels.topk import topk_logprobs
@@ -16,6 +18,7 @@ from megatron_opd.kernels.topk import topk_logprobs
 __all__ = [
     "TokenLogprobs",
     "TopkLogprobs",
+    "linear_logprob_loss",
     "linear_token_logprobs",
     "linear_topk_logprobs",
     "support_divergence",

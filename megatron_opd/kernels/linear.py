@@ -42,10 +42,10 @@ def chunks(n: int, step: int) -> list[slice]:
     return [slice(r0, min(r0 + step, n)) for r0 in range(0, n, step)]
 
 
-def default_chunk(other: int, elem: int, align: int = 1) -> int:
-    """Rows or columns per chunk so that a chunk of logits is at most ``CHUNK_LOGIT_BYTES``, a multiple of
-    ``align`` when that many fit."""
-    step = max(1, CHUNK_LOGIT_BYTES // max(1, other * elem))
+def default_chunk(other: int, elem: int, align: int = 1, budget: int = CHUNK_LOGIT_BYTES) -> int:
+    """Rows or columns per chunk so that a chunk of logits is at most ``budget`` bytes, a multiple of ``align`` when
+    that many fit."""
+    step = max(1, budget // max(1, other * elem))
     return step - step % align if step >= align else step
 
 

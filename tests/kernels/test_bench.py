@@ -64,12 +64,13 @@ def test_cli_writes_records(tmp_path, monkeypatch) -> None:
 def test_cli_lmhead_ops(tmp_path, capsys) -> None:
     """The LM-head ops report their fraction of the matmul floor (measured in the same run)."""
     out = tmp_path / "lm.json"
-    args = "--device cpu --n 48 --widths 300 --k 4 --hidden 16 --ops lmhead,lmhead_topk --impls torch,ours"
+    args = "--device cpu --n 48 --widths 300 --k 4 --hidden 16 --ops lmhead,lmhead_topk --impls torch,ours,ours_loss"
     assert main([*args.split(), "--repeats", "5", "--json", str(out)]) == 0
     records = json.loads(out.read_text())
     assert [(r["op"], r["impl"], r["k"]) for r in records] == [
         ("lmhead", "torch", 0),
         ("lmhead", "ours", 0),
+        ("lmhead", "ours_loss", 0),
         ("lmhead_topk", "torch", 4),
         ("lmhead_topk", "ours", 4),
     ]
@@ -97,6 +98,6 @@ def test_floors_and_target_verdicts() -> None:
         ]
     )
     assert len(lines) == 3
-    assert lines[0].endswith("ahead of Liger: met") and "liger 0.85" in lines[0]
+    assert lines[0].endswith("ahead of Liger: met") and "ours 0.93, liger 0.85" in lines[0]
     assert lines[1].endswith(">= 0.70 of the floor: NOT met")
     assert lines[2].endswith("time <= Liger's: NOT met")

@@ -1,7 +1,8 @@
 """TP=2 over gloo: each rank holds a vocab shard; outputs equal the float64 full-vocab reference on every rank,
 the concatenated shard gradients equal the reference gradient, and the global top-k is the same on both ranks;
-likewise for the fused LM head (hidden-state gradient summed over the group, weight-shard gradients concatenated)
-and its top-k scoring (label, ids and global top-k in one pass per chunk, from each rank's weight shard).
+likewise for the fused LM head (hidden-state gradient summed over the group, weight-shard gradients concatenated),
+its top-k scoring (label, ids and global top-k in one pass per chunk, from each rank's weight shard) and the loss
+whose gradient the forward computes.
 All cases run in one spawned world (starting one costs ~15 s on this machine)."""
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ from tests.kernels.kernel_cases import (
     assert_close_outputs,
     linear_reference_with_grad,
     load_result,
+    loss_weights,
     make_case,
     make_linear_case,
     reference_with_grad,
     tp_worker,
+    weighted_sum,
 )
 
 # name -> (backend, n, v, k_ids, k_top, dtype, temperature, splits)
@@ -78,3 +81,10 @@ def test_tp2_matches_full_vocab_reference() -> None:
         assert_close_grad(torch.cat([r0["d_weight"], r1["d_weight"]]), ref_dw, dtype)
         for a, b in zip(r0["topk"], r1["topk"]):
             assert torch.equal(a, b), f"{name}: ranks differ"
+        # the loss with its gradient computed in the forward: the same on both ranks, shards' gradients concatenated
+        (loss0, dh0, dw0), (loss1, dh1, dw1) = r0["loss"], r1["loss"]
+        assert torch.equal(loss0, loss1) and torch.equal(dh0, dh1)
+        ref_loss = weighted_sum(ref, loss_weights(hidden.shape[0], None if ids is None else ids.shape[1]))
+        torch.testing.assert_close(loss0.double(), ref_loss, atol=1e-2 if dtype != torch.float32 else 1e-4, rtol=1e-4)
+        assert_close_grad(dh0, ref_dh, dtype)
+        assert_close_grad(torch.cat([dw0, dw1]), ref_dw, dtype)

@@ -10,9 +10,9 @@ The math is in base 2 (``exp2``, the GPU's native exponential) on ``z - max`` (e
   are only rescaled when it grows); x at the labels and ids. With ``K_POW > 0`` (top-k) it also stores the max of
   every ``GROUP`` consecutive logits (in the logits' dtype: exact for a max) and, at the end of each row, selects
   the row's exact top-k from them (``_select_topk``): the k best groups (by their max, ties to the lower index)
-  hold the top-k, since a logit outside them is beaten by their k maxima; then the k best of those groups' logits.
-  Each selection counts rather than sorts: the k-th largest value is found bit by bit (16 counting passes for bf16),
-  and the winners are packed in column order by a prefix sum.
+  hold the top-k, since a logit outside them is beaten by their k maxima; then the k best sub-groups of those
+  groups, then the k best logits of those. Each selection counts rather than sorts: the k-th largest value is found
+  bit by bit (at most 16 counting passes for bf16), and the winners are packed in column order by a prefix sum.
 - ``_grad_kernel``: ``dz = p·(A0 + A1·log2 p)`` in one read and one write; the label and ids positions are then
   rewritten with their full coefficients (duplicates summed in registers, so every writer of a position writes the
   same value), from logits read before the stream — so the gradient may overwrite the logits (``out=logits``).
@@ -39,8 +39,6 @@ from megatron_opd.kernels.backend import LocalStats
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
-_FLOOR = tl.constexpr(-9223372036854775807)  # below every real (value, position) key
-_LOW = tl.constexpr(0xFFFFFFFF)
 _D_MIN = tl.constexpr(-1e30)  # floor for exp2 arguments: exp2 gives 0 and 0·(-1e30) = 0, where -inf would give NaN
 
 # (BLOCK_V, num_warps): 8 or 16 logits per thread, i.e. one or two 16-byte loads of bf16 per tile

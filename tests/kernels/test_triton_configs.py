@@ -69,3 +69,51 @@ def test_linear_topk_scoring(pinned: triton.Config) -> None:
     torch.testing.assert_close(full.gather(1, out.ids), ref.logprobs, atol=5e-5, rtol=0)  # ties: any of the ids
     for name in ("label_logprob", "entropy", "ids_logprob"):
         torch.testing.assert_close(getattr(out, name).double(), getattr(ref, name), atol=5e-5, rtol=0)
+
+
+def test_prune_per_width_and_op() -> None:
+    """Long rows keep one row per program, short rows may share one; top-k keeps one row and tiles holding whole
+    groups; no tile much wider than the row."""
+    prune = triton_backend._prune
+    configs = triton_backend.CONFIGS
+
+    def kept(**args) -> set[tuple[int, int, int]]:
+        return {(c.kwargs["BLOCK_V"], c.num_warps, c.kwargs["ROWS"]) for c in prune(configs, {}, **args)}
+
+    assert {rows for _, _, rows in kept(V=151936, K_POW=0, GROUP=1)} == {1}
+    assert {rows for _, _, rows in kept(V=37984, K_POW=0, GROUP=1)} == {1, 4}
+    assert kept(V=300, K_POW=0, GROUP=1) == {(1024, 4, 1), (1024, 4, 4)}
+    top = kept(V=37984, K_POW=32, GROUP=64)
+    assert {rows for _, _, rows in top} == {1} and len(top) == len(triton_backend.TILES)
+
+
+def test_autotuned_kernels_name_real_arguments() -> None:
+    """The autotuner silently ignores key names that are not the kernel's arguments."""
+    for kernel in (triton_backend._forward_kernel, triton_backend._grad_kernel):
+        assert set(kernel.keys) <= set(kernel.arg_names), kernel.keys
+        assert set(kernel.restore_value) <= set(kernel.arg_names)
+        assert all(set(c.kwargs) <= set(kernel.arg_names) for c in kernel.configs)
+
+
+def test_gpu_launch_goes_through_the_autotuner(monkeypatch) -> None:
+    """Without a pin and outside the interpreter, the autotuner launches, its grid sized by the config's rows."""
+    launched = []
+
+    class FakeAutotuner:
+        def __getitem__(self, grid):
+            return lambda **args: launched.append((grid({"ROWS": 4, "BLOCK_V": 2048}), args))
+
+    for name in ("OPD_TRITON_BLOCK_V", "OPD_TRITON_NUM_WARPS", "OPD_TRITON_ROWS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(triton.knobs.runtime, "interpret", False)
+    triton_backend._launch(FakeAutotuner(), 10, {"V": 7})
+    assert launched == [((3,), {"V": 7})]
+
+
+def test_pins_must_be_powers_of_two(monkeypatch) -> None:
+    monkeypatch.setenv("OPD_TRITON_ROWS", "3")
+    with pytest.raises(ValueError, match=r"^OPD_TRITON_ROWS=3"):
+        triton_backend.pinned_config()
+    monkeypatch.setenv("OPD_TRITON_ROWS", "2")
+    pinned = triton_backend.pinned_config()
+    assert (pinned.kwargs, pinned.num_warps) == ({"BLOCK_V": 4096, "ROWS": 2}, 8)

@@ -13,7 +13,7 @@ The math is in base 2 (``exp2``, the GPU's native exponential) on ``z - max`` (e
   hold the top-k, since a logit outside them is beaten by their k maxima; then the k best sub-groups of those
   groups, then the k best logits of those. Each selection counts rather than sorts: the k-th largest value is found
   bit by bit (at most 16 counting passes for bf16), and the winners are packed in column order by a prefix sum.
-- ``_grad_kernel``: ``dz = p·(A0 + A1·log2 p)`` in one read and one write; the label and ids positions are then
+- ``_grad_kernel_body``: ``dz = p·(A0 + A1·log2 p)`` in one read and one write; the label and ids positions are then
   rewritten with their full coefficients (duplicates summed in registers, so every writer of a position writes the
   same value), from logits read before the stream — so the gradient may overwrite the logits (``out=logits``).
 
@@ -96,7 +96,7 @@ def _launch(kernel: triton.runtime.Autotuner, n_rows: int, args: dict) -> None:
 
 def chosen_configs() -> dict[str, str]:
     """The config each autotuned kernel ran with last (benchmark records; empty before the first tuned launch)."""
-    kernels = {"forward": _forward_kernel, "grad": _grad_kernel}
+    kernels = {"forward": _forward_kernel, "grad": _grad_kernel, "grad_in_place": _grad_kernel_in_place}
     return {name: str(k.best_config) for name, k in kernels.items() if getattr(k, "best_config", None) is not None}
 
 
@@ -307,9 +307,8 @@ def _forward_kernel(
             )
 
 
-@_autotune(CONFIGS, key=["V", "BLOCK_K"], restore_value=["grad_ptr"])
 @triton.jit
-def _grad_kernel(
+def _grad_kernel_body(
     logits_ptr,
     stride_z,
     grad_ptr,  # may be logits_ptr
@@ -375,6 +374,12 @@ def _grad_kernel(
         gty = grad_ptr.dtype.element_ty
         tl.store(out + tl.maximum(ids, 0), vk.to(gty), mask=ids >= 0)
         tl.store(out + tl.maximum(y, 0), vy.to(gty), mask=(y >= 0) & ~covered)
+
+
+# The same kernel tuned twice: writing over the logits, the autotuner must restore them after each timed run (a copy
+# of the buffer while it tunes, a chunk of the fused LM head); writing a new gradient, nothing needs restoring.
+_grad_kernel = _autotune(CONFIGS, key=["V", "BLOCK_K"])(_grad_kernel_body)
+_grad_kernel_in_place = _autotune(CONFIGS, key=["V", "BLOCK_K"], restore_value=["grad_ptr"])(_grad_kernel_body)
 
 
 def _unit_stride(logits: Tensor) -> Tensor:
@@ -488,5 +493,5 @@ def grad_logits(
             inv_temp=inv_temp,
             BLOCK_K=triton.next_power_of_2(max(k_ids, 1)),
         )
-        _launch(_grad_kernel, n, args)
+        _launch(_grad_kernel_in_place if grad.data_ptr() == logits.data_ptr() else _grad_kernel, n, args)
     return grad

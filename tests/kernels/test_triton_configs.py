@@ -89,7 +89,7 @@ def test_prune_per_width_and_op() -> None:
 
 def test_autotuned_kernels_name_real_arguments() -> None:
     """The autotuner silently ignores key names that are not the kernel's arguments."""
-    for kernel in (triton_backend._forward_kernel, triton_backend._grad_kernel):
+    for kernel in (triton_backend._forward_kernel, triton_backend._grad_kernel, triton_backend._grad_kernel_in_place):
         assert set(kernel.keys) <= set(kernel.arg_names), kernel.keys
         assert set(kernel.restore_value) <= set(kernel.arg_names)
         assert all(set(c.kwargs) <= set(kernel.arg_names) for c in kernel.configs)
@@ -117,3 +117,16 @@ def test_pins_must_be_powers_of_two(monkeypatch) -> None:
     monkeypatch.setenv("OPD_TRITON_ROWS", "2")
     pinned = triton_backend.pinned_config()
     assert (pinned.kwargs, pinned.num_warps) == ({"BLOCK_V": 4096, "ROWS": 2}, 8)
+
+
+def test_in_place_gradient_is_tuned_with_the_logits_restored(monkeypatch) -> None:
+    """Tuning times each config on the real arguments: written over the logits, they are restored after each run."""
+    launched = []
+    monkeypatch.setattr(triton_backend, "_launch", lambda kernel, n, args: launched.append(kernel))
+    logits, labels, _ = make_case(1, 3, 20, None)
+    row_vals = torch.zeros(3, 6)
+    triton_backend.grad_logits(logits, labels, None, row_vals, None, 1.0)
+    triton_backend.grad_logits(logits, labels, None, row_vals, None, 1.0, out=logits)
+    assert launched == [triton_backend._grad_kernel, triton_backend._grad_kernel_in_place]
+    assert triton_backend._grad_kernel.restore_value == []
+    assert triton_backend._grad_kernel_in_place.restore_value == ["grad_ptr"]

@@ -1,4 +1,5 @@
-"""``opd bench kernels``: time and peak memory of the vocab-sized ops (issue 6 "Show"), side by side in one run.
+"""``opd bench kernels``: time, peak memory and fraction of the hardware floor of the vocab-sized ops, side by side
+with plain torch, Liger-Kernel and Megatron-Core in one run, and the speed targets met or not.
 
 Ops (bf16 logits ``[N, V_local]``, one TP rank's shard simulated on one device; no collective is timed):
 - ``logprob_entropy``: forward + backward of ``Σ w·log p(label) + Σ w'·H`` (sampled-token OPD's student side).
@@ -6,19 +7,25 @@ Ops (bf16 logits ``[N, V_local]``, one TP rank's shard simulated on one device; 
   (``token_logprobs(ids=...)`` -> ``support_divergence``: AOPD / LSM / top-K GKD's student side).
 - ``topk``: forward-only global top-K ids and log-probs (teacher scoring).
 - ``lmhead``: ``logprob_entropy`` from hidden states ``[N, --hidden]`` and the LM-head shard (``ours`` =
-  ``linear_token_logprobs``, no logits tensor); matmul-bound, so no roofline fraction. CUDA default only.
+  ``linear_token_logprobs``, no logits tensor; ``ours_loss`` = ``linear_logprob_loss``, the gradient computed in the
+  forward in three matmuls, as Liger does). CUDA default only.
+- ``lmhead_topk``: forward-only top-K, label log-prob and entropy from hidden states (``linear_topk_logprobs``:
+  teacher scoring without the logits). CUDA default only.
 
 Implementations: ``ours`` (``megatron_opd.kernels``: Triton on CUDA, the chunked torch path on CPU), ``torch``
 (plain fp32 ``log_softmax`` + ``gather``/``topk``), ``liger`` (Liger-Kernel's cross entropy / fused linear cross
-entropy, when importable and on CUDA: label log-prob only, no entropy) and ``megatron`` (Megatron-Core's ``vocab_parallel_cross_entropy``, when
-importable: label log-prob only).
+entropy, when importable and on CUDA: label log-prob only, no entropy) and ``megatron`` (Megatron-Core's
+``vocab_parallel_cross_entropy``, when importable: label log-prob only).
 
-Each record: the median of ``--repeats`` (>= 5) timed runs after ``--warmup`` runs; the peak memory of one more run
-above what was allocated before it (inputs excluded, the gradient included): on CUDA the caching allocator's
-``max_memory_allocated``; on CPU the peak of live tensor storage bytes created during the run, counted by a
-``TorchDispatchMode`` (allocation-exact, unaffected by malloc's reuse, which makes RSS deltas unreliable);
-``roofline_fraction`` = minimal bytes of the op (6 B/element for a bf16 forward + backward: read, read, write the
-gradient; 2 B/element for top-K: one read) ÷ time ÷ the copy bandwidth measured in the same run.
+Each record: the median of ``--repeats`` (>= 5) timed runs after ``--warmup`` runs (the first run also autotunes the
+Triton kernels); the peak memory of one more run above what was allocated before it (inputs excluded, the gradient
+included): on CUDA the caching allocator's ``max_memory_allocated``; on CPU the peak of live tensor storage bytes
+created during the run, counted by a ``TorchDispatchMode`` (allocation-exact, unaffected by malloc's reuse, which
+makes RSS deltas unreliable); ``roofline_fraction`` = the op's floor ÷ its time: for the logits ops the minimal bytes
+(6 B/element for a bf16 forward + backward: read, read, write the gradient; 2 B/element for top-K: one read) at the
+copy bandwidth measured in the same run; for the LM-head ops the minimal matmuls (forward + backward: the logits,
+``dh`` and ``dW``, 6·N·V·H FLOPs; scoring: the logits, 2·N·V·H) at the bf16 matmul rate measured in the same run.
+``config`` names the Triton configs the autotuner chose for ``ours`` on CUDA.
 """
 
 from __future__ import annotations
@@ -33,11 +40,32 @@ from collections.abc import Callable
 import torch
 
 from megatron_opd.bench.common import device_name, list_arg, peak_bytes, time_ms, write_records
-from megatron_opd.kernels import linear_token_logprobs, support_divergence, token_logprobs, topk_logprobs
+from megatron_opd.bench.model_setup import matmul_peak_tflops
+from megatron_opd.kernels import (
+    TokenLogprobs,
+    linear_logprob_loss,
+    linear_token_logprobs,
+    linear_topk_logprobs,
+    support_divergence,
+    token_logprobs,
+    topk_logprobs,
+)
 
-OPS = ("logprob_entropy", "topk_kl", "topk", "lmhead")
+OPS = ("logprob_entropy", "topk_kl", "topk", "lmhead", "lmhead_topk")
+LMHEAD_OPS = ("lmhead", "lmhead_topk")
+K_FREE_OPS = ("logprob_entropy", "lmhead")  # K does not enter these: measured once per (N, V)
+# minimal fraction of the floor per (op, tensor-parallel width 1 or more); the LM head instead: no slower than Liger
+TARGETS = {
+    ("logprob_entropy", 1): 0.90,
+    ("topk_kl", 1): 0.80,
+    ("topk", 1): 0.80,
+    ("logprob_entropy", 2): 0.70,
+    ("topk_kl", 2): 0.70,
+    ("topk", 2): 0.70,
+}
 CPU_OPS = ("logprob_entropy", "topk_kl", "topk")  # a [256 x 2048] x [2048 x 151936] bf16 matmul is slow on 2 cores
-IMPLS = ("torch", "ours", "liger", "megatron")  # torch first: the others' lines print their ratios to it
+# torch first: the others' lines print their ratios to it; ours_loss: the LM head with the gradient in the forward
+IMPLS = ("torch", "ours", "ours_loss", "liger", "megatron")
 VOCAB = 151936
 GPU_MATRIX = dict(n=[4096, 16384, 32768], widths=[151936, 37984], k=[32, 64])
 CPU_MATRIX = dict(n=[256], widths=[151936, 37984], k=[32])
@@ -59,6 +87,7 @@ class Record:
     roofline_fraction: float | None
     dtype: str = "bfloat16"
     note: str = ""
+    config: str = ""  # the Triton configs the autotuner chose (ours, CUDA)
 
 
 def copy_bandwidth(device: torch.device, repeats: int) -> float:
@@ -73,10 +102,27 @@ def copy_bandwidth(device: torch.device, repeats: int) -> float:
 
 def minimal_bytes(op: str, n: int, v: int, elem: int) -> int | None:
     """Bytes an ideal kernel must move: forward + backward read the logits twice and write the gradient once;
-    ``None`` for the matmul-bound fused LM head."""
-    if op == "lmhead":
+    ``None`` for the matmul-bound LM-head ops."""
+    if op in LMHEAD_OPS:
         return None
     return (1 if op == "topk" else 3) * n * v * elem
+
+
+def minimal_flops(op: str, n: int, v: int, hidden: int) -> int | None:
+    """Matmul FLOPs an ideal LM-head op must do: the logits (2·N·V·H), and for training ``dh`` and ``dW`` too."""
+    if op not in LMHEAD_OPS:
+        return None
+    return (6 if op == "lmhead" else 2) * n * v * hidden
+
+
+def floor_fraction(op: str, n: int, v: int, x: Inputs, time: float | None, bandwidth: float, tflops: float):
+    """The op's floor (``minimal_bytes`` at ``bandwidth`` B/s, or ``minimal_flops`` at ``tflops``) ÷ ``time`` ms."""
+    if time is None:
+        return None
+    nbytes = minimal_bytes(op, n, v, x.logits.element_size())
+    if nbytes is not None:
+        return nbytes / (time / 1e3) / bandwidth
+    return minimal_flops(op, n, v, x.hidden.shape[1]) / (time / 1e3) / (tflops * 1e12)
 
 
 @dataclasses.dataclass
@@ -152,8 +198,10 @@ def build_run(op: str, impl: str, x: Inputs) -> tuple[Callable[[], None] | None,
                 t.grad = None
         loss.backward()
 
-    if op == "lmhead":
-        return _lmhead_run(impl, x, backward)
+    if op in LMHEAD_OPS:
+        return _lmhead_run(op, impl, x, backward)
+    if impl == "ours_loss":
+        return None, "ours_loss is the LM head's op (lmhead)"
     if impl == "ours":
         if op == "logprob_entropy":
             return lambda: backward(_loss_lp_ent(*token_logprobs(z, labels)[:2])), ""
@@ -184,12 +232,32 @@ def build_run(op: str, impl: str, x: Inputs) -> tuple[Callable[[], None] | None,
     return lambda: backward(ce(z, labels).sum()), "cross entropy only (no entropy)"
 
 
-def _lmhead_run(impl: str, x: Inputs, backward: Callable[[torch.Tensor], None]) -> tuple[Callable | None, str]:
+def _lmhead_run(op: str, impl: str, x: Inputs, backward: Callable[[torch.Tensor], None]) -> tuple[Callable | None, str]:
     h, w, labels = x.hidden, x.weight, x.labels
     if h is None:
         return None, "no hidden states (run with --hidden > 0)"
+    if op == "lmhead_topk":
+        if impl == "ours":
+            return lambda: linear_topk_logprobs(h.detach(), w.detach(), labels, x.k), ""
+        if impl == "torch":
+
+            def score() -> None:
+                with torch.no_grad():
+                    logp = _torch_logp(h @ w.t())
+                    logp.gather(1, labels.unsqueeze(1))
+                    (logp.exp() * logp).sum(-1)
+                    torch.topk(logp, x.k, dim=-1)
+
+            return score, ""
+        return None, f"{impl} has no comparable op"
     if impl == "ours":
         return lambda: backward(_loss_lp_ent(*linear_token_logprobs(h, w, labels)[:2])), ""
+    if impl == "ours_loss":
+
+        def row_loss(out: TokenLogprobs, rows: slice) -> torch.Tensor:  # the per-row terms of _loss_lp_ent
+            return -out.label_logprob - 0.01 * out.entropy
+
+        return lambda: backward(linear_logprob_loss(h, w, labels, row_loss)[0]), "gradient in the forward"
     if impl == "torch":
         return lambda: backward(_loss_lp_ent(*_torch_lp_ent(h @ w.t(), labels))), ""
     if impl == "liger" and h.is_cuda:
@@ -246,9 +314,12 @@ def run_matrix(args: argparse.Namespace) -> list[Record]:
     dtype = getattr(torch, args.dtype)
     name = device_name(device)
     bandwidth = copy_bandwidth(device, args.repeats)
+    lmhead = any(op in LMHEAD_OPS for op in args.ops)
+    tflops = matmul_peak_tflops(device, dtype, args.repeats) if lmhead else 0.0
     print(
-        f"device: {name}; copy bandwidth {bandwidth / 1e9:.1f} GB/s; dtype {args.dtype}; "
-        f"median of {args.repeats} runs after {args.warmup} warm-up",
+        f"device: {name}; copy bandwidth {bandwidth / 1e9:.1f} GB/s"
+        + (f"; {args.dtype} matmul {tflops:.0f} TFLOP/s" if lmhead else "")
+        + f"; dtype {args.dtype}; median of {args.repeats} runs after {args.warmup} warm-up",
         flush=True,
     )
     probe = with_support(make_inputs(2, 8, device, dtype, hidden_size=4), 1)
@@ -258,32 +329,31 @@ def run_matrix(args: argparse.Namespace) -> list[Record]:
     records: list[Record] = []
     for n in args.n:
         for v in args.widths:
-            base = make_inputs(n, v, device, dtype, hidden_size=args.hidden if "lmhead" in args.ops else 0)
+            base = make_inputs(n, v, device, dtype, hidden_size=args.hidden if lmhead else 0)
             for k in args.k:
                 x = with_support(base, k)
                 for op in args.ops:
-                    if op in ("logprob_entropy", "lmhead") and k != args.k[0]:
+                    if op in K_FREE_OPS and k != args.k[0]:
                         continue  # K does not enter this op: measured once per (N, V)
                     for impl in args.impls:
                         if build_run(op, impl, x)[0] is None:
                             continue  # not available here, or no comparable op
                         t, peak, note = measure(op, impl, x, device, args.warmup, args.repeats)
-                        ideal = minimal_bytes(op, n, v, x.logits.element_size())
-                        roof = None if t is None or ideal is None else ideal / (t / 1e3) / bandwidth
                         records.append(
                             Record(
                                 op=op,
                                 impl=impl,
                                 n=n,
                                 v=v,
-                                k=0 if op in ("logprob_entropy", "lmhead") else k,
+                                k=0 if op in K_FREE_OPS else k,
                                 tp=max(1, round(args.vocab / v)),
                                 time_ms=t,
                                 peak_mem_bytes=peak,
                                 device=name,
-                                roofline_fraction=roof,
+                                roofline_fraction=floor_fraction(op, n, v, x, t, bandwidth, tflops),
                                 dtype=args.dtype,
                                 note=note,
+                                config=chosen_configs() if impl == "ours" and device.type == "cuda" else "",
                             )
                         )
                         print(_row(records[-1], records), flush=True)
@@ -292,6 +362,41 @@ def run_matrix(args: argparse.Namespace) -> list[Record]:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     return records
+
+
+def chosen_configs() -> str:
+    """The configs Triton's autotuner chose in the last call of each kernel (empty where none ran)."""
+    from megatron_opd.kernels import triton_backend
+
+    return "; ".join(f"{name}: {config}" for name, config in triton_backend.chosen_configs().items())
+
+
+def target_lines(records: list[Record]) -> list[str]:
+    """One line per (op, N, V, K) measured by ``ours``: its fraction of the floor, Liger's, the target, met or not."""
+    lines = []
+    for rec in (r for r in records if r.impl in ("ours", "ours_loss") and r.time_ms is not None):
+        liger = next(
+            (r for r in records if (r.op, r.n, r.v, r.k, r.impl) == (rec.op, rec.n, rec.v, rec.k, "liger")), None
+        )
+        liger_ms = None if liger is None else liger.time_ms
+        target = TARGETS.get((rec.op, min(rec.tp, 2)))
+        if rec.op == "lmhead":
+            met = None if liger_ms is None else rec.time_ms <= liger_ms
+            want = "time <= Liger's"
+        elif target is not None:
+            met = rec.roofline_fraction >= target and (liger_ms is None or rec.time_ms <= liger_ms)
+            want = f">= {target:.2f} of the floor" + (" and ahead of Liger" if liger_ms is not None else "")
+        else:
+            continue
+        frac = "-" if rec.roofline_fraction is None else f"{rec.roofline_fraction:.2f}"
+        other = "" if liger is None or liger.roofline_fraction is None else f", liger {liger.roofline_fraction:.2f}"
+        other += "" if liger_ms is None else f" ({rec.time_ms:.2f} vs {liger_ms:.2f} ms)"
+        verdict = "unknown (no Liger)" if met is None else ("met" if met else "NOT met")
+        lines.append(
+            f"target {rec.op:15s} n={rec.n:<6d} v={rec.v:<7d}(tp{rec.tp}) k={rec.k:<3d} {rec.impl} {frac}{other}; "
+            f"{want}: {verdict}"
+        )
+    return lines
 
 
 def _row(rec: Record, records: list[Record]) -> str:
@@ -308,6 +413,7 @@ def _row(rec: Record, records: list[Record]) -> str:
     return (
         f"{rec.op:16s} n={rec.n:<6d} v={rec.v:<7d}(tp{rec.tp}) k={rec.k:<3d} {rec.impl:9s} "
         f"time_ms={t} peak_MiB={mem} roofline={roof} torch/this: time {speed} mem {ratio} {rec.note}"
+        + (f" [{rec.config}]" if rec.config else "")
     )
 
 
@@ -318,7 +424,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--widths", type=_ints, help="TP-local vocab widths V_local, comma-separated")
     p.add_argument("--k", type=_ints, help="support / top-K sizes, comma-separated")
     p.add_argument("--vocab", type=int, default=VOCAB, help="global vocabulary (tp = vocab / width)")
-    p.add_argument("--ops", type=list_arg(OPS), help=f"subset of {','.join(OPS)} (CPU default: no lmhead)")
+    p.add_argument("--ops", type=list_arg(OPS), help=f"subset of {','.join(OPS)} (CPU default: no LM-head ops)")
     p.add_argument("--hidden", type=int, default=2048, help="hidden size for lmhead (Qwen3-1.7B: 2048)")
     p.add_argument("--impls", type=list_arg(IMPLS), default=list(IMPLS), help=f"subset of {','.join(IMPLS)}")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
@@ -357,6 +463,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     records = run_matrix(args)
+    for line in target_lines(records):
+        print(line)
     if args.json:
         write_records(records, args.json)
     return 0

@@ -1,6 +1,6 @@
 """``opd bench objectives``: peak memory and time of each objective's loss, forward + backward, on the
 production vocab-parallel path (``objectives.registry``: the kernels plus [N, K] math) vs the full-logits
-reference (``objectives/reference.py``: log_softmax over [N, V], teacher logits [N, V]) — issue 5 "Show".
+reference (``objectives/reference.py``: log_softmax over [N, V], teacher logits [N, V]).
 
 One device, TP = 1 (the vocab-parallel path on one rank). Student logits ``[N, V]`` in ``--dtype`` with grad;
 the production path gets what scoring ships (teacher log-probs at the sampled tokens and on its top-K), the

@@ -1,6 +1,7 @@
 """The divergence family ``D_β(P_teacher ‖ Q_student)`` on a K-entry support (OBJECTIVES.md §5; AOPD §3, LSM §4,
 GKD): per-row values from full-vocab-normalized log-probs ``[N, K]``, differentiable through ``student_logp``
-(which :func:`megatron_opd.kernels.token_logprobs` returns with its gradient path into the logits shard).
+(which :func:`megatron_opd.kernels.token_logprobs` returns with its gradient path into the logits shard), and its
+float64 reference in probability space.
 
 Everything is in log space and guarded so that -inf entries (zero probability, masked or padded ids) contribute
 exactly 0 and never a NaN gradient: masked values are replaced *before* any op whose backward could divide by zero.
@@ -12,8 +13,6 @@ import math
 
 import torch
 from torch import Tensor
-
-from megatron_opd.config.errors import ConfigError
 
 TAIL_FLOOR = 1e-12  # smallest tail-bucket probability: keeps log(1 - Σ_K p) and its gradient finite
 LOG_FLOOR = -1e4  # log q below this counts as this in KL(p‖q) where p > 0: a huge but finite value and gradient
@@ -62,22 +61,18 @@ def support_divergence(
     ``KL(P‖Q)``, ``beta = 1`` is ``KL(Q‖P)``, in between ``β·KL(P‖M) + (1-β)·KL(Q‖M)`` with ``M = βP + (1-β)Q``.
     """
     if student_logp.dim() != 2 or student_logp.shape != teacher_logp.shape:
-        raise ConfigError(
-            "student_logp/teacher_logp",
-            f"{tuple(student_logp.shape)} vs {tuple(teacher_logp.shape)}",
-            "must both be [N, K] with the same shape.",
-            "pass log-probs at the same K support ids for student and teacher.",
+        raise ValueError(
+            f"student_logp/teacher_logp of shapes {tuple(student_logp.shape)} / {tuple(teacher_logp.shape)}: must "
+            "both be [N, K]; pass log-probs at the same K support ids for student and teacher."
         )
     if not 0.0 <= float(beta) <= 1.0:
-        raise ConfigError("beta", beta, "must be in [0, 1].", "0 = forward KL(P||Q), 1 = reverse KL(Q||P).")
+        raise ValueError(f"beta={beta!r}: must be in [0, 1]; 0 = forward KL(P||Q), 1 = reverse KL(Q||P).")
     if renormalize and tail_bucket:
-        raise ConfigError(
-            "tail_bucket", True, "only applies without renormalization.", "set renormalize=False or tail_bucket=False."
-        )
-    if valid is not None and (valid.dtype != torch.bool or valid.shape != student_logp.shape):
-        raise ConfigError(
-            "valid", f"{valid.dtype} {tuple(valid.shape)}", "must be a bool mask shaped like the log-probs.", ""
-        )
+        raise ValueError("tail_bucket=True: only applies without renormalization; set renormalize=False or drop it.")
+    if valid is not None and valid.dtype != torch.bool:
+        raise TypeError(f"valid of dtype {valid.dtype}: must be a bool mask shaped like the log-probs.")
+    if valid is not None and valid.shape != student_logp.shape:
+        raise ValueError(f"valid of shape {tuple(valid.shape)}: must be shaped like the log-probs.")
     up = torch.promote_types(student_logp.dtype, torch.float32)
     logq, logp = student_logp.to(up), teacher_logp.to(up)
     if valid is not None:
@@ -96,3 +91,37 @@ def support_divergence(
         logp.masked_fill(both_dead, 0.0) + math.log(beta), logq.masked_fill(both_dead, 0.0) + math.log1p(-beta)
     )
     return beta * _kl(logp, logm) + (1.0 - beta) * _kl(logq, logm)
+
+
+def support_divergence_reference(
+    student_logp: Tensor,
+    teacher_logp: Tensor,
+    beta: float,
+    *,
+    renormalize: bool = True,
+    tail_bucket: bool = False,
+    valid: Tensor | None = None,
+    dtype=torch.float64,
+) -> Tensor:
+    """:func:`support_divergence` in probability space (tests only): normalize by division, append ``1 - Σ p`` for
+    the tail bucket, ``xlogy`` for the KLs."""
+    q, p = student_logp.to(dtype).exp(), teacher_logp.to(dtype).exp()
+    if valid is not None:
+        q, p = q * valid, p * valid
+    if renormalize:
+        q = q / q.sum(-1, keepdim=True)
+        p = p / p.sum(-1, keepdim=True)
+    elif tail_bucket:
+        q = torch.cat([q, 1 - q.sum(-1, keepdim=True)], dim=-1)
+        p = torch.cat([p, 1 - p.sum(-1, keepdim=True)], dim=-1)
+
+    def kl(a: Tensor, b: Tensor) -> Tensor:  # Σ a log(a / b), 0 where a = 0 (logs of 1 there: no 0/0 gradient)
+        one = torch.ones_like(a)
+        return (torch.xlogy(a, torch.where(a > 0, a, one)) - torch.xlogy(a, torch.where(a > 0, b, one))).sum(-1)
+
+    if beta == 0:
+        return kl(p, q)
+    if beta == 1:
+        return kl(q, p)
+    m = beta * p + (1 - beta) * q
+    return beta * kl(p, m) + (1 - beta) * kl(q, m)

@@ -15,3 +15,14 @@ def _quiet_interpreter():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "invalid value encountered", RuntimeWarning, module="triton")
         yield
+
+
+@pytest.fixture(params=["torch", "triton", "triton_rows4"])
+def backend(request, monkeypatch) -> str:
+    """Forces the backend; Triton runs in the interpreter with 16-wide tiles (several tiles and a ragged one), with
+    one or four rows per program."""
+    name = request.param.split("_")[0]
+    monkeypatch.setenv("OPD_KERNELS", name)
+    monkeypatch.setenv("OPD_TRITON_BLOCK_V", "16")
+    monkeypatch.setenv("OPD_TRITON_ROWS", "4" if request.param.endswith("rows4") else "1")
+    return name

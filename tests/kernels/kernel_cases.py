@@ -8,8 +8,14 @@ import os
 import torch
 import torch.distributed as dist
 
-from megatron_opd.kernels import linear_token_logprobs, token_logprobs, topk_logprobs
-from megatron_opd.kernels.reference import token_logprobs_reference
+from megatron_opd.kernels import (
+    linear_logprob_loss,
+    linear_token_logprobs,
+    linear_topk_logprobs,
+    token_logprobs,
+    topk_logprobs,
+)
+from megatron_opd.kernels.token_logprobs import token_logprobs_reference
 from tests.tolerance import ulps
 
 
@@ -66,6 +72,18 @@ def weighted_sum(out, weights) -> torch.Tensor:
         keep = torch.isfinite(value)
         total = total + torch.where(keep, value.double() * w.double(), 0.0).sum()
     return total
+
+
+def row_loss_of(n: int, k: int | None):
+    """``weighted_sum``'s per-row terms, as the ``row_loss`` of ``linear_logprob_loss`` (finite outputs)."""
+    weights = loss_weights(n, k)
+
+    def row_loss(out, rows: slice) -> torch.Tensor:
+        w_label, w_entropy, w_ids = (None if w is None else w[rows].to(out.entropy) for w in weights)
+        loss = out.label_logprob * w_label + out.entropy * w_entropy
+        return loss if out.ids_logprob is None else loss + (out.ids_logprob * w_ids).sum(1)
+
+    return row_loss
 
 
 def reference_with_grad(logits, labels, ids, temperature: float):
@@ -162,10 +180,15 @@ def assert_close_grad(grad, ref_grad, dtype: torch.dtype, scale: float) -> None:
     torch.testing.assert_close(grad.double(), ref_grad, atol=tol, rtol=0)
 
 
+LINEAR_TOPK = 4  # k of the fused LM-head scoring in the TP world
+
+
 def tp_worker(cases: list[tuple], linear_cases: list[tuple]) -> bytes:
     """One TP rank. For each ``(backend, logits, labels, ids, temperature, k, splits)``: its shard's outputs,
     gradient and global top-k (even split, or ``splits`` widths); for each ``(backend, hidden, weight, labels, ids,
-    temperature, chunk)``: the fused LM head's outputs and gradients with this rank's (even) weight shard.
+    temperature, chunk)``: the fused LM head's outputs and gradients with this rank's (even) weight shard (backward
+    in column chunks of ``chunk`` too), its top-``LINEAR_TOPK`` scoring, and ``linear_logprob_loss`` of the same
+    weighted sum.
     Serialized: tensors sent through the result queue would be shared by file descriptor with a process that has
     exited."""
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -183,10 +206,22 @@ def tp_worker(cases: list[tuple], linear_cases: list[tuple]) -> bytes:
     for backend, hidden, weight, labels, ids, temperature, chunk in linear_cases:
         os.environ["OPD_KERNELS"] = backend
         w = weight.chunk(world)[rank].contiguous()
-        out, d_h, d_w = linear_ours_with_grad(
-            hidden, w, labels, ids, temperature, tp_group=dist.group.WORLD, chunk_tokens=chunk
+        kw = dict(tp_group=dist.group.WORLD, chunk_tokens=chunk)
+        out, d_h, d_w = linear_ours_with_grad(hidden, w, labels, ids, temperature, chunk_columns=chunk, **kw)
+        scores = linear_topk_logprobs(hidden, w, labels, LINEAR_TOPK, ids, temperature=temperature, **kw)
+        h_, w_ = hidden.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        row_loss = row_loss_of(hidden.shape[0], None if ids is None else ids.shape[1])
+        loss, _ = linear_logprob_loss(h_, w_, labels, row_loss, ids, temperature=temperature, **kw)
+        loss.backward()
+        results.append(
+            {
+                "out": [None if t is None else t.detach() for t in out],
+                "d_hidden": d_h,
+                "d_weight": d_w,
+                "topk": list(scores),
+                "loss": (loss.detach(), h_.grad, w_.grad),
+            }
         )
-        results.append({"out": [None if t is None else t.detach() for t in out], "d_hidden": d_h, "d_weight": d_w})
     buf = io.BytesIO()
     torch.save(results, buf)
     return buf.getvalue()

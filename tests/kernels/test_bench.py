@@ -8,7 +8,15 @@ import json
 import torch
 
 from megatron_opd.bench.common import LiveTensorBytes
-from megatron_opd.bench.kernels import main, minimal_bytes
+from megatron_opd.bench.kernels import (
+    Record,
+    floor_fraction,
+    main,
+    make_inputs,
+    minimal_bytes,
+    minimal_flops,
+    target_lines,
+)
 
 
 def test_live_tensor_bytes_counts_new_storage_only() -> None:
@@ -53,12 +61,43 @@ def test_cli_writes_records(tmp_path, monkeypatch) -> None:
     assert minimal_bytes("topk", 128, 4096, 2) == grad_bytes and minimal_bytes("topk_kl", 2, 3, 2) == 36
 
 
-def test_cli_lmhead_op(tmp_path) -> None:
+def test_cli_lmhead_ops(tmp_path, capsys) -> None:
+    """The LM-head ops report their fraction of the matmul floor (measured in the same run)."""
     out = tmp_path / "lm.json"
-    args = "--device cpu --n 48 --widths 300 --k 4 --hidden 16 --ops lmhead --impls torch,ours --repeats 5 --json"
-    assert main([*args.split(), str(out)]) == 0
+    args = "--device cpu --n 48 --widths 300 --k 4 --hidden 16 --ops lmhead,lmhead_topk --impls torch,ours,ours_loss"
+    assert main([*args.split(), "--repeats", "5", "--json", str(out)]) == 0
     records = json.loads(out.read_text())
-    assert [(r["op"], r["impl"], r["k"], r["roofline_fraction"]) for r in records] == [
-        ("lmhead", "torch", 0, None),
-        ("lmhead", "ours", 0, None),
+    assert [(r["op"], r["impl"], r["k"]) for r in records] == [
+        ("lmhead", "torch", 0),
+        ("lmhead", "ours", 0),
+        ("lmhead", "ours_loss", 0),
+        ("lmhead_topk", "torch", 4),
+        ("lmhead_topk", "ours", 4),
     ]
+    assert all(0 < r["roofline_fraction"] for r in records)
+    assert "matmul" in capsys.readouterr().out
+
+
+def test_floors_and_target_verdicts() -> None:
+    """The floors the fractions divide by, and the verdict lines against the speed targets."""
+    x = make_inputs(4, 8, torch.device("cpu"), torch.bfloat16, hidden_size=16)
+    assert minimal_flops("lmhead", 4, 8, 16) == 6 * 4 * 8 * 16 and minimal_flops("topk", 4, 8, 16) is None
+    assert floor_fraction("topk", 1000, 1000, x, 1.0, 2e9, 0) == 2 * 1000 * 1000 / 1e-3 / 2e9
+    assert floor_fraction("lmhead_topk", 4, 8, x, 1.0, 0, 1.0) == 2 * 4 * 8 * 16 / 1e-3 / 1e12
+
+    def rec(op: str, impl: str, tp: int, ms: float, frac: float | None) -> Record:
+        return Record(op, impl, 8, 8, 0, tp, ms, 1, "cpu", frac)
+
+    lines = target_lines(
+        [
+            rec("logprob_entropy", "ours", 1, 1.0, 0.93),
+            rec("logprob_entropy", "liger", 1, 1.1, 0.85),
+            rec("topk", "ours", 4, 1.0, 0.65),
+            rec("lmhead", "ours", 1, 2.0, 0.5),
+            rec("lmhead", "liger", 1, 1.5, 0.6),
+        ]
+    )
+    assert len(lines) == 3
+    assert lines[0].endswith("ahead of Liger: met") and "ours 0.93, liger 0.85" in lines[0]
+    assert lines[1].endswith(">= 0.70 of the floor: NOT met")
+    assert lines[2].endswith("time <= Liger's: NOT met")

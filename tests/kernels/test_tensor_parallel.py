@@ -1,15 +1,19 @@
 """TP=2 over gloo: each rank holds a vocab shard; outputs equal the float64 full-vocab reference on every rank,
 the concatenated shard gradients equal the reference gradient, and the global top-k is the same on both ranks;
-likewise for the fused LM head (hidden-state gradient summed over the group, weight-shard gradients concatenated).
+likewise for the fused LM head (hidden-state gradient summed over the group, weight-shard gradients concatenated),
+its top-k scoring (label, ids and global top-k in one pass per chunk, from each rank's weight shard) and the loss
+whose gradient the forward computes.
 All cases run in one spawned world (starting one costs ~15 s on this machine)."""
 
 from __future__ import annotations
 
 import torch
 
-from megatron_opd.kernels.reference import topk_logprobs_reference
+from megatron_opd.kernels.linear_topk import TopkLogprobs, linear_topk_logprobs_reference
+from megatron_opd.kernels.topk import topk_logprobs_reference
 from megatron_opd.platform.spawn import spawn_world
 from tests.kernels.kernel_cases import (
+    LINEAR_TOPK,
     assert_close_grad,
     assert_close_outputs,
     linear_logit_scale,
@@ -17,10 +21,12 @@ from tests.kernels.kernel_cases import (
     load_result,
     logit_scale,
     logprob_atol,
+    loss_weights,
     make_case,
     make_linear_case,
     reference_with_grad,
     tp_worker,
+    weighted_sum,
 )
 
 # name -> (backend, n, v, k_ids, k_top, dtype, temperature, splits)
@@ -65,9 +71,30 @@ def test_tp2_matches_full_vocab_reference() -> None:
         assert_close_grad(torch.cat([r0["grad"], r1["grad"]], dim=1), ref_grad, dtype, scale)
     for i, (name, (_, _, _, _, _, dtype, temperature, _)) in enumerate(LINEAR_CASES.items(), start=len(CASES)):
         ref, ref_dh, ref_dw = linear_reference_with_grad(*linear_inputs[name], temperature)
+        hidden, weight, labels, ids = linear_inputs[name]
+        ref_top = linear_topk_logprobs_reference(hidden, weight, labels, LINEAR_TOPK, ids, temperature=temperature)
+        full = torch.log_softmax((hidden @ weight.t()).double() / temperature, -1)
         r0, r1 = per_rank[0][i], per_rank[1][i]
         scale = linear_logit_scale(*linear_inputs[name][:2], temperature)
         for r in (r0, r1):
-            assert_close_outputs(r["out"], ref, atol=logprob_atol(scale, dtype))
+            atol = logprob_atol(scale, dtype)
+            assert_close_outputs(r["out"], ref, atol=atol)
             assert_close_grad(r["d_hidden"], ref_dh, dtype, scale)  # summed over the TP group
+            top = TopkLogprobs(*r["topk"])
+            for got, want in [(top.logprobs, ref_top.logprobs), (full.gather(1, top.ids), ref_top.logprobs)] + [
+                (getattr(top, f), getattr(ref_top, f)) for f in ("label_logprob", "entropy", "ids_logprob")
+            ]:
+                torch.testing.assert_close(got.double(), want, atol=atol, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
         assert_close_grad(torch.cat([r0["d_weight"], r1["d_weight"]]), ref_dw, dtype, scale)
+        for a, b in zip(r0["topk"], r1["topk"]):
+            assert torch.equal(a, b), f"{name}: ranks differ"
+        # the loss with its gradient computed in the forward: the same on both ranks, shards' gradients concatenated
+        (loss0, dh0, dw0), (loss1, dh1, dw1) = r0["loss"], r1["loss"]
+        assert torch.equal(loss0, loss1) and torch.equal(dh0, dh1)
+        weights = loss_weights(hidden.shape[0], None if ids is None else ids.shape[1])
+        ref_loss = weighted_sum(ref, weights)
+        # a weighted sum of outputs each within logprob_atol: within that times Σ|w|
+        loss_atol = logprob_atol(scale, dtype) * sum(w.abs().sum().item() for w in weights if w is not None)
+        torch.testing.assert_close(loss0.double(), ref_loss, atol=loss_atol, rtol=0)
+        assert_close_grad(dh0, ref_dh, dtype, scale)
+        assert_close_grad(torch.cat([dw0, dw1]), ref_dw, dtype, scale)

@@ -5,21 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_opd.config.errors import ConfigError
 from megatron_opd.kernels import topk_logprobs
-from megatron_opd.kernels.reference import topk_logprobs_reference
+from megatron_opd.kernels.topk import topk_logprobs_reference
 from tests.kernels.kernel_cases import logit_scale, logprob_atol, make_case
-
-BACKENDS = ["torch", "triton"]
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request, monkeypatch) -> str:
-    """Forces the backend; Triton runs in the interpreter with 16-wide tiles (several tiles and a ragged one)."""
-    monkeypatch.setenv("OPD_KERNELS", request.param)
-    monkeypatch.setenv("OPD_TRITON_BLOCK_V", "16")
-    return request.param
-
 
 # (n, v, k, dtype, temperature)
 CASES = {
@@ -63,6 +51,18 @@ def test_topk_no_grad_and_bad_k() -> None:
     _ids, logp = topk_logprobs(logits, 2)
     assert not logp.requires_grad
     for bad in (0, 11, 2.0):
-        with pytest.raises(ConfigError) as err:
+        with pytest.raises(ValueError, match=r"^k="):
             topk_logprobs(logits, bad)
-        assert err.value.key == "k"
+
+
+def test_triton_ties_go_to_the_lower_id(monkeypatch) -> None:
+    """Equal logits (bf16 has many; -0.0 equals +0.0) are taken lowest id first, as documented for the kernels."""
+    monkeypatch.setenv("OPD_KERNELS", "triton")
+    monkeypatch.setenv("OPD_TRITON_BLOCK_V", "16")
+    logits = torch.zeros(3, 70, dtype=torch.bfloat16)
+    logits[1, 40:] = 1.0
+    logits[2, :5] = -0.0  # then +0.0 at columns 5..9: all ten tie
+    logits[2, 10:] = -1.0
+    ids, logp = topk_logprobs(logits, 6)
+    assert ids.tolist() == [[0, 1, 2, 3, 4, 5], [40, 41, 42, 43, 44, 45], [0, 1, 2, 3, 4, 5]]
+    assert (logp[0] == logp[0, 0]).all()

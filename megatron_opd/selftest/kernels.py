@@ -16,12 +16,17 @@ from typing import Any
 
 import torch
 
-from megatron_opd.kernels import linear_token_logprobs, support_divergence, token_logprobs, topk_logprobs
-from megatron_opd.kernels.reference import (
-    support_divergence_reference,
-    token_logprobs_reference,
-    topk_logprobs_reference,
+from megatron_opd.kernels import (
+    linear_token_logprobs,
+    linear_topk_logprobs,
+    support_divergence,
+    token_logprobs,
+    topk_logprobs,
 )
+from megatron_opd.kernels.divergence import support_divergence_reference
+from megatron_opd.kernels.linear_topk import linear_topk_logprobs_reference
+from megatron_opd.kernels.token_logprobs import token_logprobs_reference
+from megatron_opd.kernels.topk import topk_logprobs_reference
 
 VALUE_TOL = 1e-4
 DIVERGENCE_TOL = 1e-5
@@ -134,6 +139,34 @@ def linear_check(device: torch.device) -> Callable[[], tuple[str, dict]]:
     return check
 
 
+def linear_topk_check(device: torch.device) -> Callable[[], tuple[str, dict]]:
+    """The fused LM head's scoring pass (top-K ids and log-probs, sampled-token log-prob, entropy) from hidden
+    states, against float64 through the materialized logits."""
+    n, v, h, k = (1024, 151936, 2048, 32) if device.type == "cuda" else (64, 4096, 64, 32)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+
+    def check() -> tuple[str, dict[str, Any]]:
+        g = torch.Generator(device=device).manual_seed(4)
+        hidden = (torch.randn(n, h, generator=g, device=device) / 4).to(dtype)
+        weight = (torch.randn(v, h, generator=g, device=device) / 8).to(dtype)
+        labels = torch.randint(0, v, (n,), generator=g, device=device)
+        out = linear_topk_logprobs(hidden, weight, labels, k)
+        ref = linear_topk_logprobs_reference(hidden, weight, labels, k)
+        full = torch.log_softmax(hidden.double() @ weight.double().T, -1)
+        errs = {
+            "topk_logprobs": _max_err(out.logprobs, ref.logprobs),
+            "ids": _max_err(full.gather(1, out.ids), ref.logprobs),  # ties may pick other ids of the same log-prob
+            "label_logprob": _max_err(out.label_logprob, ref.label_logprob),
+            "entropy": _max_err(out.entropy, ref.entropy),
+        }
+        tol = LINEAR_VALUE_TOL_BF16 if dtype == torch.bfloat16 else VALUE_TOL
+        worst = max(errs.values())
+        assert worst <= tol, f"fused top-K scoring error {worst:.2e} > {tol}: {errs}"
+        return f"n={n} V={v} h={h} K={k} {str(dtype)[6:]}: max err {worst:.1e}", errs
+
+    return check
+
+
 def divergence_check(device: torch.device) -> Callable[[], tuple[str, dict]]:
     n, k = (4096, 32) if device.type == "cuda" else (256, 32)
 
@@ -166,5 +199,6 @@ def checks(device: torch.device) -> dict[str, Callable[[], tuple[str, dict]]]:
     big = LogprobCase(2048, 151936, 64, 1.0) if device.type == "cuda" else LogprobCase(128, 4096, 64, 1.0)
     out[f"kernels/topk n={big.n} V={big.v} K={big.k} bfloat16"] = topk_check(big, torch.bfloat16, device)
     out["kernels/fused LM head"] = linear_check(device)
+    out["kernels/fused LM head top-K scoring"] = linear_topk_check(device)
     out["kernels/support divergence"] = divergence_check(device)
     return out

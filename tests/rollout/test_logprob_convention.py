@@ -13,7 +13,7 @@ import requests
 import torch
 from transformers import AutoModelForCausalLM
 
-from megatron_opd.kernels.logprobs import token_logprobs
+from megatron_opd.kernels import token_logprobs
 from megatron_opd.rollout.base import RolloutError, SamplingParams
 from megatron_opd.rollout.server import ServerFlags
 from megatron_opd.rollout.sglang.client import SGLangEngine

@@ -160,15 +160,12 @@ def test_hf_engine_releases_gpu_memory(cuda) -> None:
 
 
 def test_nccl_weight_broadcast_sends_from_the_current_gpu(cuda) -> None:
-    from megatron_opd.rollout.sglang.weight_sync import DistributedWeightSync
+    """The trainer's broadcast (student rank 0, or the engine's own sender) puts tensors on the current GPU
+    for NCCL, on CPU for gloo."""
+    from megatron_opd.rollout.sglang.weight_sync import group_device
 
-    def make(backend: str) -> DistributedWeightSync:
-        return DistributedWeightSync(
-            ["http://s"], [2], lambda *a: {}, master_address="h", master_port=1, backend=backend
-        )
-
-    assert make("nccl").device == torch.device("cuda", 3)
-    assert make("gloo").device == torch.device("cpu")
+    assert group_device("nccl") == torch.device("cuda", 3)
+    assert group_device("gloo") == torch.device("cpu")
 
 
 def test_sglang_launch_counts_the_visible_gpus(cuda) -> None:

@@ -9,13 +9,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from megatron_opd.models.tiny import save_tiny_model, tiny_config
 from megatron_opd.rollout.hf_engine import HFEngine
 from megatron_opd.rollout.server import OPDServer, ServerFlags, ServerState
 from megatron_opd.rollout.sglang.launcher import ServerCommand, find_free_ports
+from tests.tolerance import logit_magnitude, ulps
 
 INIT_STD = 0.3  # HF's 0.02 gives near-uniform next-token distributions
+PROMPTS = [[i % 100 + 1, (7 * i) % 100 + 2, 3] for i in range(12)]
 
 
 @pytest.fixture(scope="session")
@@ -62,3 +65,11 @@ def serving(model_dir: Path, flags: ServerFlags | None = None) -> Iterator[OPDSe
         srv.shutdown()
         srv.server_close()
         thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def tol(dense_dir: Path, dense_dir_b: Path) -> float:
+    """Log-probs of the same tokens through other batch shapes and thread counts (the batch split over servers
+    with one thread each, padded differently): the matmuls' reduction order differs, a few fp32 ulps of the
+    logits per layer; 128 ulps of the largest |logit| of either model over the prompts."""
+    return ulps(torch.float32, max(logit_magnitude(HFEngine(d).model, PROMPTS) for d in (dense_dir, dense_dir_b)), 128)

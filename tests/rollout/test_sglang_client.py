@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import requests
-import torch
 
 from megatron_opd.convert.hf_io import HFCheckpointReader
 from megatron_opd.rollout import RolloutConfig, build_engine
@@ -23,11 +22,9 @@ from megatron_opd.rollout.offload import OffloadedEngine
 from megatron_opd.rollout.server import ServerFlags
 from megatron_opd.rollout.sglang.client import SGLangEngine, healthy
 from megatron_opd.rollout.sglang.launcher import ServerProcesses, find_free_ports
-from tests.rollout.conftest import serve_commands, serving
-from tests.tolerance import logit_magnitude, ulps
+from tests.rollout.conftest import PROMPTS, serve_commands, serving
 
 pytestmark = pytest.mark.slow
-PROMPTS = [[i % 100 + 1, (7 * i) % 100 + 2, 3] for i in range(12)]
 SP = SamplingParams(temperature=0.8, top_p=0.9, max_new_tokens=8, seed=100)
 
 
@@ -56,14 +53,6 @@ def config(urls: list[str], **kw) -> RolloutConfig:
     cfg.sglang.urls = list(urls)
     cfg.sglang.concurrency_per_server = 2
     return cfg
-
-
-@pytest.fixture(scope="module")
-def tol(dense_dir: Path, dense_dir_b: Path) -> float:
-    """Log-probs of the same tokens through other batch shapes and thread counts (the batch split over servers
-    with one thread each, padded differently): the matmuls' reduction order differs, a few fp32 ulps of the
-    logits per layer; 128 ulps of the largest |logit| of either model over the prompts."""
-    return ulps(torch.float32, max(logit_magnitude(HFEngine(d).model, PROMPTS) for d in (dense_dir, dense_dir_b)), 128)
 
 
 def same(got: list[Completion], want: list[Completion], tol: float) -> None:

@@ -53,16 +53,6 @@ def test_auto_dtype_and_device_are_bf16_on_cuda(cuda) -> None:
     assert device == torch.device("cuda") and hf_engine.resolve_dtype("auto", device) is torch.bfloat16
 
 
-def test_gpu_ranks_rendezvous_on_the_node_address(cuda, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Ranks of a group may sit on several nodes: rank 0 offers its node's address, not loopback."""
-    from megatron_opd.trainer import worker
-
-    monkeypatch.setattr(worker.socket, "gethostname", lambda: "gpu-node-7")
-    monkeypatch.setattr(worker.socket, "gethostbyname", lambda host: {"gpu-node-7": "192.0.2.7"}[host])
-    addr, port = worker.ModelWorker.__new__(worker.ModelWorker).rendezvous()
-    assert addr == "192.0.2.7" and port > 0
-
-
 def test_transformer_config_on_cuda(cuda, monkeypatch: pytest.MonkeyPatch) -> None:
     """GPU: parameters initialized on the GPU, MoE tokens dispatched all-to-all (CPU: allgather)."""
     from megatron_opd.models import qwen3
@@ -89,6 +79,8 @@ def _student_worker() -> tuple:
 
     worker = ModelWorker.__new__(ModelWorker)
     buffers = [mock.create_autospec(_ParamAndGradBuffer, instance=True) for _ in range(3)]
+    for b in buffers:  # instance attributes megatron sets in __init__: the distributed optimizer's layout
+        b.param_data, b.params = torch.zeros(4), []
     worker.model = types.SimpleNamespace(buffers=buffers[:2], expert_parallel_buffers=buffers[2:])
     worker.optimizer = mock.create_autospec(MegatronOptimizer, instance=True)
     return worker, buffers

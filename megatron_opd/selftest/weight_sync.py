@@ -35,7 +35,7 @@ def _wire(t: torch.Tensor) -> tuple[str, bytes]:
 def _rank(port: int, backend: str) -> dict[str, tuple[str, bytes]] | int:
     import torch.distributed as dist
 
-    from megatron_opd.rollout.sglang.weight_sync import DistributedWeightSync
+    from megatron_opd.rollout.sglang.weight_sync import DistributedWeightSync, LocalWeightSender
     from megatron_opd.rollout.weight_group import (
         destroy_weight_update_group,
         dtype_name,
@@ -45,10 +45,13 @@ def _rank(port: int, backend: str) -> dict[str, tuple[str, bytes]] | int:
 
     tensors = payload()
     if dist.get_rank() == 0:  # the trainer; the "server" joins by itself, so its HTTP calls are no-ops
+        sender = LocalWeightSender()  # this process is rank 0 of the group, as a student's rank 0 is
+        sender.set_tensors(tensors)
         sync = DistributedWeightSync(
             ["selftest-receiver"],
             [1],
             lambda url, path, body, timeout: {},
+            sender,
             master_address="127.0.0.1",
             master_port=port,
             backend=backend,
@@ -56,7 +59,7 @@ def _rank(port: int, backend: str) -> dict[str, tuple[str, bytes]] | int:
             bucket_mb=1,
             timeout_s=120,
         )
-        sent = sync.update(tensors, weight_version="selftest")
+        sent = sync.update(weight_version="selftest")
         sync.destroy()
         return sent
     group = init_weight_update_group("127.0.0.1", port, 1, 2, GROUP, backend, timeout_s=120)

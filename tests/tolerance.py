@@ -1,23 +1,21 @@
 """Tolerances for floating-point results computed two different ways.
 
-Two computations of one real quantity that differ in batch shape, thread count, kernel, reduction order,
-parallel layout or precision round differently. They agree to some number of units in the last place (ulps)
-of the largest magnitude that enters them, so the tolerance is ``n`` ulps of the compared dtype at that
-magnitude, where ``n`` counts the roundings that can differ, with margin. Each test says how it chose its
-magnitude and ``n``. A fixed constant such as 1e-6 does not do this: it is a few ulps at magnitude 4, and it
-passes or fails depending on the machine. Results of the same computation are compared bitwise instead.
+The rules are ``megatron_opd.selftest.tolerance``'s (``opd selftest`` states its tolerances with them): ``n``
+ulps of the compared dtype at the largest magnitude that enters the results, where ``n`` counts the roundings that
+can differ, with margin. Each test says how it chose its magnitude and ``n``. Results of the same computation are
+compared bitwise instead. Here: the magnitudes of models and metrics that only tests need.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
+import pytest
 import torch
 
+from megatron_opd.selftest.tolerance import FORWARD_ULPS, forward_atol, ulps
 
-def ulps(dtype: torch.dtype, magnitude: float | torch.Tensor, n: float) -> float:
-    """``n`` units in the last place of ``dtype`` at ``magnitude`` (its machine epsilon × magnitude): an absolute
-    tolerance. The magnitude is that of the largest number the compared results are computed from, which can
-    exceed the results (log p close to 0 comes from logits of size 10)."""
-    return n * torch.finfo(dtype).eps * float(magnitude)
+__all__ = ["FORWARD_ULPS", "float64_approx", "forward_atol", "logit_magnitude", "metric_atol", "ulps"]
 
 
 def logit_magnitude(model: torch.nn.Module, sequences: list[list[int]]) -> float:
@@ -27,16 +25,11 @@ def logit_magnitude(model: torch.nn.Module, sequences: list[list[int]]) -> float
         return max(float(model(torch.tensor([s])).logits.abs().max()) for s in sequences)
 
 
-# The same model's fp32 forward pass through another implementation, parallel layout or batch shape: each of the
-# ~10 matmuls, norms and softmaxes of a layer may round in another order, a few ulps of its activations, and the
-# differences add up over the layers (the test models have 2 to 4): 256 ulps of the largest |logit|. A backward
-# pass doubles it.
-FORWARD_ULPS = 256
-
-
-def forward_atol(logits: torch.Tensor) -> float:
-    """Tolerance of fp32 logits (or of values computed from them at their scale) from another forward pass."""
-    return ulps(torch.float32, logits.abs().max(), FORWARD_ULPS)
+def float64_approx(want: float, magnitude: float, n: int) -> Any:
+    """``pytest.approx(want)`` within ``n`` float64 ulps of ``magnitude``: Python arithmetic on the same numbers in
+    another order or form, one rounding per operation at the size of the largest operand (``magnitude``; the value
+    itself for products and quotients of positive numbers)."""
+    return pytest.approx(want, rel=0, abs=ulps(torch.float64, abs(magnitude), n))
 
 
 def metric_atol(value: float, n: float) -> float:

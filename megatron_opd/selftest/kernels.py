@@ -3,9 +3,16 @@ log-probs at K ids (values and gradients), the global top-k, the fused LM head a
 divergences. On CUDA these are the compiled Triton kernels at Qwen3 vocabularies (151,936 and
 37,984); on CPU the chunked torch path at small shapes.
 
-Tolerances (absolute, in nats unless said): values 1e-4 (the kernels accumulate in fp32);
-gradients w.r.t. logits 1e-5 + 1e-4 of the largest reference gradient in fp32, 2% of it in bf16; the fused LM head's log-probs 2e-2 in bf16 (the matmul rounds), its gradients
-2% in relative norm; divergences 1e-5.
+Tolerances, from the dtype and the magnitude compared (``megatron_opd.selftest.tolerance``), with s = max |z/T|
+over the logits (for the fused LM head: of h Wᵀ):
+
+- log-probs, entropies and top-k log-probs (fp32 outputs): 32 fp32 ulps of s (log p = z/T − lse rounds at s);
+  the fused LM head computes its logits in the input dtype: plus one ulp of that dtype at s;
+- gradients w.r.t. logits: 32 fp32 ulps of s × max |g| (each probability is off by the log-probs' error relative
+  to itself), plus one ulp of the gradient's dtype at max |g| when it is bf16;
+- the fused LM head's gradients w.r.t. hidden states and weight, in relative norm: the log-probs' tolerance plus
+  one ulp of the dtype (each term is a probability off by the former, rounded once more);
+- divergences: 32 fp32 ulps of the largest |log p| they are computed from.
 """
 
 from __future__ import annotations
@@ -27,11 +34,14 @@ from megatron_opd.kernels.divergence import support_divergence_reference
 from megatron_opd.kernels.linear_topk import linear_topk_logprobs_reference
 from megatron_opd.kernels.token_logprobs import token_logprobs_reference
 from megatron_opd.kernels.topk import topk_logprobs_reference
-
-VALUE_TOL = 1e-4
-DIVERGENCE_TOL = 1e-5
-LINEAR_VALUE_TOL_BF16 = 2e-2
-LINEAR_GRAD_REL_TOL = 2e-2
+from megatron_opd.selftest.tolerance import (
+    LOGPROB_ULPS,
+    linear_logit_scale,
+    logit_scale,
+    logprob_atol,
+    logprob_grad_atol,
+    ulps,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,19 +83,23 @@ def logprob_check(case: LogprobCase, dtype: torch.dtype, device: torch.device) -
             name: _max_err(getattr(out, name), getattr(ref, name))
             for name in ("label_logprob", "entropy", "ids_logprob")
         }
+        scale = logit_scale(logits.detach(), case.temperature)
+        tol = logprob_atol(scale)
         for name, err in errs.items():
-            assert err <= VALUE_TOL, f"{name} log-prob error {err:.2e} > {VALUE_TOL}"
+            assert err <= tol, f"{name} error {err:.2e} > {tol:.2e} ({LOGPROB_ULPS} fp32 ulps of max |z/T| {scale:.1f})"
         loss = sum((o.double() * wi).sum() for o, wi in zip(out, w))
         (grad,) = torch.autograd.grad(loss, logits)
         (ref_grad,) = torch.autograd.grad(sum((o * wi).sum() for o, wi in zip(ref, w)), ref_in)
         grad_err, ref_max = _max_err(grad, ref_grad), float(ref_grad.abs().max())
-        tol = 1e-5 + 1e-4 * ref_max if dtype == torch.float32 else 2e-2 * ref_max
-        assert grad_err <= tol, f"gradient error {grad_err:.2e} > {tol:.2e} (largest reference gradient {ref_max:.2e})"
+        grad_tol = logprob_grad_atol(ref_max, scale, dtype)
+        assert grad_err <= grad_tol, (
+            f"gradient error {grad_err:.2e} > {grad_tol:.2e} (largest reference gradient {ref_max:.2e})"
+        )
         detail = (
             f"max err label {errs['label_logprob']:.1e} entropy {errs['entropy']:.1e} "
-            f"ids {errs['ids_logprob']:.1e} grad {grad_err:.1e}"
+            f"ids {errs['ids_logprob']:.1e} (tol {tol:.1e}) grad {grad_err:.1e} (tol {grad_tol:.1e})"
         )
-        return detail, {**errs, "grad_max_abs_err": grad_err, "grad_ref_max": ref_max}
+        return detail, {**errs, "tol": tol, "grad_max_abs_err": grad_err, "grad_ref_max": ref_max, "grad_tol": grad_tol}
 
     return check
 
@@ -98,13 +112,15 @@ def topk_check(case: LogprobCase, dtype: torch.dtype, device: torch.device) -> C
         full = torch.log_softmax(logits.double() / case.temperature, dim=-1)
         val_err = _max_err(values, ref_values)
         id_err = _max_err(full.gather(1, ids), values)  # ties may pick other ids of the same log-prob
-        assert val_err <= VALUE_TOL, f"top-k log-prob error {val_err:.2e} > {VALUE_TOL}"
-        assert id_err <= VALUE_TOL, f"the returned ids' log-probs differ from the returned values by {id_err:.2e}"
+        tol = logprob_atol(logit_scale(logits, case.temperature))
+        assert val_err <= tol, f"top-k log-prob error {val_err:.2e} > {tol:.2e}"
+        assert id_err <= tol, f"the returned ids' log-probs differ from the returned values by {id_err:.2e} > {tol:.2e}"
         assert bool((values[:, 1:] <= values[:, :-1]).all()), "top-k values are not sorted descending"
         match = float((ids == ref_ids).float().mean())
-        return f"max err values {val_err:.1e} ids {id_err:.1e}, exact id match {match:.3f}", {
+        return f"max err values {val_err:.1e} ids {id_err:.1e} (tol {tol:.1e}), exact id match {match:.3f}", {
             "val_err": val_err,
             "id_val_err": id_err,
+            "tol": tol,
             "exact_id_match": match,
         }
 
@@ -124,17 +140,18 @@ def linear_check(device: torch.device) -> Callable[[], tuple[str, dict]]:
         ref_h, ref_w = (t.detach().double().requires_grad_() for t in (hidden, weight))
         ref = token_logprobs_reference(ref_h @ ref_w.T, labels)
         val_err = max(_max_err(out.label_logprob, ref.label_logprob), _max_err(out.entropy, ref.entropy))
-        tol = LINEAR_VALUE_TOL_BF16 if dtype == torch.bfloat16 else VALUE_TOL
-        assert val_err <= tol, f"log-prob/entropy error {val_err:.2e} > {tol}"
+        tol = logprob_atol(linear_logit_scale(hidden.detach(), weight.detach()), dtype)
+        assert val_err <= tol, f"log-prob/entropy error {val_err:.2e} > {tol:.2e}"
         gh, gw = torch.autograd.grad((out.label_logprob.double() + out.entropy.double()).sum(), (hidden, weight))
         rh, rw = torch.autograd.grad((ref.label_logprob + ref.entropy).sum(), (ref_h, ref_w))
         rel = [float((a.double() - b).norm() / b.norm()) for a, b in ((gh, rh), (gw, rw))]
-        assert max(rel) <= LINEAR_GRAD_REL_TOL, f"gradient relative error {max(rel):.2e} > {LINEAR_GRAD_REL_TOL}"
-        return f"n={n} V={v} h={h} {str(dtype)[6:]}: err {val_err:.1e}, grad rel {rel[0]:.1e} / {rel[1]:.1e}", {
-            "val_err": val_err,
-            "rel_grad_h": rel[0],
-            "rel_grad_w": rel[1],
-        }
+        rel_tol = tol + ulps(dtype, 1.0, 1)
+        assert max(rel) <= rel_tol, f"gradient relative error {max(rel):.2e} > {rel_tol:.2e}"
+        detail = (
+            f"n={n} V={v} h={h} {str(dtype)[6:]}: err {val_err:.1e} (tol {tol:.1e}), "
+            f"grad rel {rel[0]:.1e} / {rel[1]:.1e} (tol {rel_tol:.1e})"
+        )
+        return detail, {"val_err": val_err, "tol": tol, "rel_grad_h": rel[0], "rel_grad_w": rel[1], "rel_tol": rel_tol}
 
     return check
 
@@ -159,10 +176,10 @@ def linear_topk_check(device: torch.device) -> Callable[[], tuple[str, dict]]:
             "label_logprob": _max_err(out.label_logprob, ref.label_logprob),
             "entropy": _max_err(out.entropy, ref.entropy),
         }
-        tol = LINEAR_VALUE_TOL_BF16 if dtype == torch.bfloat16 else VALUE_TOL
+        tol = logprob_atol(linear_logit_scale(hidden, weight), dtype)
         worst = max(errs.values())
-        assert worst <= tol, f"fused top-K scoring error {worst:.2e} > {tol}: {errs}"
-        return f"n={n} V={v} h={h} K={k} {str(dtype)[6:]}: max err {worst:.1e}", errs
+        assert worst <= tol, f"fused top-K scoring error {worst:.2e} > {tol:.2e}: {errs}"
+        return f"n={n} V={v} h={h} K={k} {str(dtype)[6:]}: max err {worst:.1e} (tol {tol:.1e})", {**errs, "tol": tol}
 
     return check
 
@@ -181,8 +198,10 @@ def divergence_check(device: torch.device) -> Callable[[], tuple[str, dict]]:
                 want = support_divergence_reference(student, teacher, beta, renormalize=renorm, tail_bucket=tail)
                 errs[f"beta={beta} {'renormalized' if renorm else 'tail'}"] = _max_err(got, want)
         worst = max(errs.values())
-        assert worst <= DIVERGENCE_TOL, f"divergence error {worst:.2e} > {DIVERGENCE_TOL}: {errs}"
-        return f"n={n} K={k}, beta 0/0.5/1, renormalized and tail bucket: max err {worst:.1e}", {"max_err": worst}
+        tol = ulps(torch.float32, logit_scale(torch.cat([student, teacher])), LOGPROB_ULPS)  # max |log p|
+        assert worst <= tol, f"divergence error {worst:.2e} > {tol:.2e}: {errs}"
+        detail = f"n={n} K={k}, beta 0/0.5/1, renormalized and tail bucket: max err {worst:.1e} (tol {tol:.1e})"
+        return detail, {"max_err": worst, "tol": tol}
 
     return check
 

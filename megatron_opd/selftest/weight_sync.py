@@ -45,7 +45,7 @@ def _rank(port: int, backend: str) -> dict[str, tuple[str, bytes]] | int:
 
     tensors = payload()
     if dist.get_rank() == 0:  # the trainer; the "server" joins by itself, so its HTTP calls are no-ops
-        sender = LocalWeightSender()  # the trainer's broadcast (broadcast_tensors), from this process
+        sender = LocalWeightSender()  # this process is rank 0 of the group, as a student's rank 0 is
         sender.set_tensors(tensors)
         sync = DistributedWeightSync(
             ["selftest-receiver"],

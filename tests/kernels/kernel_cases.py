@@ -16,7 +16,7 @@ from megatron_opd.kernels import (
     topk_logprobs,
 )
 from megatron_opd.kernels.token_logprobs import token_logprobs_reference
-from tests.tolerance import ulps
+from megatron_opd.selftest.tolerance import logprob_grad_atol
 
 
 def make_case(
@@ -130,31 +130,6 @@ def linear_ours_with_grad(hidden, weight, labels, ids, temperature: float, **kw)
     return out, h.grad, w.grad
 
 
-# fp32 log-probs and entropies against float64 from the same logits: log p = z/T − lse rounds at the scale of
-# max |z/T|; the running max, the tiled sums of exponentials (relative error ~ log2 V ulps), the log and the
-# subtraction add a few ulps each, and tiles, chunks and TP shards only reorder them.
-LOGPROB_ULPS = 32
-
-
-def logit_scale(logits: torch.Tensor, temperature: float) -> float:
-    """max |z / T| over the finite logits: the magnitude the kernels compute every value at."""
-    finite = logits[torch.isfinite(logits)].double()
-    return finite.abs().max().item() / temperature
-
-
-def linear_logit_scale(hidden: torch.Tensor, weight: torch.Tensor, temperature: float) -> float:
-    """``logit_scale`` of the fused LM head's logits h Wᵀ."""
-    return logit_scale(hidden.double() @ weight.double().t(), temperature)
-
-
-def logprob_atol(scale: float, logits_dtype: torch.dtype = torch.float32) -> float:
-    """Tolerance of fp32 outputs at logit scale ``scale``. Logits the kernel computes itself in bf16/fp16 (the
-    fused LM head) add one ulp of that dtype: an fp32 accumulation on the other side of a rounding boundary moves
-    a logit, and every log-prob with it, by one ulp."""
-    atol = ulps(torch.float32, scale, LOGPROB_ULPS)
-    return atol if logits_dtype == torch.float32 else atol + ulps(logits_dtype, scale, 1)
-
-
 def assert_close_outputs(out, ref, atol: float) -> None:
     for name, a, b in zip(("label_logprob", "entropy", "ids_logprob"), out, ref):
         if b is None:
@@ -168,15 +143,11 @@ def assert_close_outputs(out, ref, atol: float) -> None:
 
 
 def assert_close_grad(grad, ref_grad, dtype: torch.dtype, scale: float) -> None:
-    """The gradient is a weighted sum of probabilities p = exp(z/T − lse), each off by ``LOGPROB_ULPS`` fp32 ulps
-    of ``scale`` relative to itself: ``LOGPROB_ULPS`` ulps of max |gradient| × scale. Returned in ``dtype``:
-    plus one ulp of it at max |gradient| (the final rounding)."""
+    """Within ``logprob_grad_atol`` of the float64 gradient: ``LOGPROB_ULPS`` fp32 ulps of max |gradient| × scale,
+    plus one ulp of ``dtype`` at max |gradient| when it is not fp32."""
     assert grad.dtype == dtype
     assert torch.isfinite(grad).all()
-    g_max = ref_grad.abs().max().item()
-    tol = ulps(torch.float32, g_max * scale, LOGPROB_ULPS)
-    if dtype != torch.float32:
-        tol += ulps(dtype, g_max, 1)
+    tol = logprob_grad_atol(ref_grad.abs().max().item(), scale, dtype)
     torch.testing.assert_close(grad.double(), ref_grad, atol=tol, rtol=0)
 
 

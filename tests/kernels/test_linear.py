@@ -9,13 +9,12 @@ import torch
 from megatron_opd.bench.common import LiveTensorBytes
 from megatron_opd.kernels import linear_token_logprobs, linear_topk_logprobs, token_logprobs
 from megatron_opd.kernels.linear_topk import linear_topk_logprobs_reference
+from megatron_opd.selftest.tolerance import linear_logit_scale, logprob_atol
 from tests.kernels.kernel_cases import (
     assert_close_grad,
     assert_close_outputs,
-    linear_logit_scale,
     linear_ours_with_grad,
     linear_reference_with_grad,
-    logprob_atol,
     make_linear_case,
 )
 

@@ -9,12 +9,11 @@ import torch
 
 from megatron_opd.kernels import linear_logprob_loss
 from megatron_opd.kernels.linear_loss import linear_logprob_loss_reference
+from megatron_opd.selftest.tolerance import linear_logit_scale, logprob_atol
 from tests.kernels.kernel_cases import (
     assert_close_grad,
     assert_close_outputs,
-    linear_logit_scale,
     linear_reference_with_grad,
-    logprob_atol,
     loss_weights,
     make_linear_case,
     row_loss_of,

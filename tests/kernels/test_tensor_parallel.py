@@ -12,15 +12,13 @@ import torch
 from megatron_opd.kernels.linear_topk import TopkLogprobs, linear_topk_logprobs_reference
 from megatron_opd.kernels.topk import topk_logprobs_reference
 from megatron_opd.platform.spawn import spawn_world
+from megatron_opd.selftest.tolerance import linear_logit_scale, logit_scale, logprob_atol
 from tests.kernels.kernel_cases import (
     LINEAR_TOPK,
     assert_close_grad,
     assert_close_outputs,
-    linear_logit_scale,
     linear_reference_with_grad,
     load_result,
-    logit_scale,
-    logprob_atol,
     loss_weights,
     make_case,
     make_linear_case,

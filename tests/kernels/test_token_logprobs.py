@@ -6,11 +6,10 @@ import pytest
 import torch
 
 from megatron_opd.kernels import token_logprobs
+from megatron_opd.selftest.tolerance import logit_scale, logprob_atol
 from tests.kernels.kernel_cases import (
     assert_close_grad,
     assert_close_outputs,
-    logit_scale,
-    logprob_atol,
     make_case,
     ours_with_grad,
     reference_with_grad,

@@ -7,7 +7,8 @@ import torch
 
 from megatron_opd.kernels import topk_logprobs
 from megatron_opd.kernels.topk import topk_logprobs_reference
-from tests.kernels.kernel_cases import logit_scale, logprob_atol, make_case
+from megatron_opd.selftest.tolerance import logit_scale, logprob_atol
+from tests.kernels.kernel_cases import make_case
 
 # (n, v, k, dtype, temperature)
 CASES = {

@@ -16,12 +16,10 @@ from megatron_opd.kernels import linear_topk_logprobs, triton_backend
 from megatron_opd.kernels.linear_topk import linear_topk_logprobs_reference
 from megatron_opd.kernels.token_logprobs import backward_coefficients
 from megatron_opd.kernels.vocab_parallel import Targets, vocab_shard
+from megatron_opd.selftest.tolerance import linear_logit_scale, logit_scale, logprob_atol
 from tests.kernels.kernel_cases import (
     assert_close_grad,
     assert_close_outputs,
-    linear_logit_scale,
-    logit_scale,
-    logprob_atol,
     make_case,
     make_linear_case,
     ours_with_grad,

@@ -5,11 +5,13 @@ the row seeds, health checks that take SGLang's time."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import requests
@@ -297,3 +299,64 @@ def test_health_probes_wait_for_sglangs_health_check(dense_dir: Path) -> None:
             timer.join()
             impatient.join()
         assert short == [False]
+
+
+class _InfoServer(BaseHTTPRequestHandler):
+    """A server whose ``GET /server_info`` is ``info`` (404 when None) and ``GET /get_server_info`` is
+    ``deprecated_info``; ``/generate`` answers the log-prob probe as SGLang does: ``log_softmax(z / T)``, so the
+    greedy row's values differ from the tempered row's."""
+
+    info: dict | None = None
+    deprecated_info: dict | None = None
+    asked: ClassVar[list[str]] = []  # the paths asked, in order
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def _json(self, payload: object) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(200 if payload is not None else 404)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:
+        self.asked.append(self.path)
+        self._json({"/server_info": self.info, "/get_server_info": self.deprecated_info}.get(self.path, {}))
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        lp = -1.0 if body["sampling_params"]["temperature"] == 0.0 else -0.25
+        n = body["sampling_params"]["max_new_tokens"]
+        meta = {"output_token_logprobs": [[lp, 5, None]] * n, "finish_reason": {"type": "length", "length": n}}
+        self._json({"output_ids": [5] * n, "meta_info": meta})
+
+
+def test_deterministic_inference_is_read_where_each_release_reports_it() -> None:
+    """SGLang 0.5.23's ``/server_info`` (``utils/common.py`` ``build_server_info``: the resolved arguments flat,
+    ``launch_command``, the scheduler's info, ``kv_events``, per-DP ``internal_states``, ``version``); a release
+    without ``/server_info`` (404) answers the deprecated ``/get_server_info``."""
+    resolved = {"model_path": "/m", "enable_deterministic_inference": True, "random_seed": 1}
+    current = {**resolved, "launch_command": "python -m sglang.launch_server", "max_req_input_len": 4096}
+    current |= {"kv_events": None, "internal_states": [{"last_gen_throughput": 0.0}], "version": "0.5.23"}
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _InfoServer)
+    srv.daemon_threads = True
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    cfg = config([f"http://127.0.0.1:{srv.server_address[1]}"])
+    cfg.sglang.deterministic_inference = True
+    try:
+        for info, deprecated, asked in (
+            (current, current, ["/health", "/server_info"]),
+            (None, resolved, ["/health", "/server_info", "/get_server_info"]),
+            (None, {**resolved, "enable_deterministic_inference": False}, None),
+        ):
+            _InfoServer.info, _InfoServer.deprecated_info, _InfoServer.asked = info, deprecated, []
+            if asked is None:
+                with pytest.raises(RolloutError, match="does not report enable_deterministic_inference"):
+                    SGLangEngine(cfg, "unused")
+                continue
+            engine = SGLangEngine(cfg, "unused")
+            assert engine.servers[0].up and _InfoServer.asked == asked
+    finally:
+        srv.shutdown()
+        srv.server_close()

@@ -223,6 +223,8 @@ class OPDConfig:
     def validate(self) -> dict[str, Any]:
         """Check every section and their cross-constraints; returns the HF configs by group
         (``student``, ``teachers[name]``). Reads only ``config.json`` files."""
+        from megatron_opd.objectives.registry import validate_objective
+
         hf = {"student": self.student.validate("student")}
         if not self.teachers:
             raise ConfigError(
@@ -254,7 +256,7 @@ class OPDConfig:
                 "use student.dtype=bf16 (or auto), student.offload_when_idle=false, or "
                 "optim.use_distributed_optimizer=false.",
             )
-        self.objective.validate(has_teacher_base=all(t.base_path for t in self.teachers))
+        validate_objective(self.objective, has_teacher_base=all(t.base_path for t in self.teachers))
         self.objective.validate_vocab(hf["student"].vocab_size)
         self.data.validate()
         self.rollout.validate()

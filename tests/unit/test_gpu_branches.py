@@ -55,10 +55,12 @@ def test_auto_dtype_and_device_are_bf16_on_cuda(cuda) -> None:
 
 def test_gpu_ranks_rendezvous_on_the_node_address(cuda, monkeypatch: pytest.MonkeyPatch) -> None:
     """Ranks of a group may sit on several nodes: rank 0 offers its node's address, not loopback."""
+    from megatron_opd.rollout import weight_group
     from megatron_opd.trainer import worker
 
     monkeypatch.setattr(worker.socket, "gethostname", lambda: "gpu-node-7")
-    monkeypatch.setattr(worker.socket, "gethostbyname", lambda host: {"gpu-node-7": "192.0.2.7"}[host])
+    monkeypatch.setattr(worker.socket, "gethostbyname", lambda host: "127.0.1.1")  # Debian-style /etc/hosts
+    monkeypatch.setattr(weight_group, "node_address", lambda: "192.0.2.7")  # Ray's address of this node
     addr, port = worker.ModelWorker.__new__(worker.ModelWorker).rendezvous()
     assert addr == "192.0.2.7" and port > 0
 
@@ -81,14 +83,16 @@ def test_transformer_config_on_cuda(cuda, monkeypatch: pytest.MonkeyPatch) -> No
 
 
 def _student_worker() -> tuple:
-    """A ModelWorker holding autospec fakes of megatron's DDP buffers and optimizer."""
+    """The student's state holding autospec fakes of megatron's DDP buffers and optimizer."""
     from megatron.core.distributed.param_and_grad_buffer import _ParamAndGradBuffer
     from megatron.core.optimizer.optimizer import MegatronOptimizer
 
-    from megatron_opd.trainer.worker import ModelWorker
+    from megatron_opd.trainer.student import StudentState
 
-    worker = ModelWorker.__new__(ModelWorker)
+    worker = StudentState.__new__(StudentState)
     buffers = [mock.create_autospec(_ParamAndGradBuffer, instance=True) for _ in range(3)]
+    for b in buffers:  # set in the buffer's __init__, so not on the class autospec reads
+        b.param_data, b.params = torch.zeros(1), []
     worker.model = types.SimpleNamespace(buffers=buffers[:2], expert_parallel_buffers=buffers[2:])
     worker.optimizer = mock.create_autospec(MegatronOptimizer, instance=True)
     return worker, buffers
@@ -108,10 +112,10 @@ def test_student_offload_and_onload_use_megatrons_rl_hooks(cuda) -> None:
 
 
 def test_frozen_model_offload_moves_the_module(cuda) -> None:
-    from megatron_opd.trainer.worker import ModelWorker
+    from megatron_opd.scoring.scorer import ScoringModel
 
-    worker = ModelWorker.__new__(ModelWorker)
-    worker.optimizer, worker.model = None, mock.create_autospec(torch.nn.Module, instance=True)
+    worker = ScoringModel.__new__(ScoringModel)
+    worker.model = mock.create_autospec(torch.nn.Module, instance=True)
     worker.offload()
     worker.onload()
     assert worker.model.method_calls == [mock.call.cpu(), mock.call.cuda()] and cuda.empty_cache == 1
@@ -126,11 +130,11 @@ def test_offload_is_a_no_op_without_cuda(monkeypatch: pytest.MonkeyPatch) -> Non
 
 
 def test_checkpoint_keeps_the_cuda_generator(cuda, monkeypatch: pytest.MonkeyPatch) -> None:
-    from megatron_opd.trainer import checkpoint
+    from megatron_opd.trainer import student_checkpoint
 
     state = torch.arange(16, dtype=torch.uint8)
     monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": state)
-    rng = checkpoint._rng_state()
+    rng = student_checkpoint._rng_state()
     assert rng["cuda"] is state and torch.equal(rng["cpu"], torch.get_rng_state())
 
 
@@ -160,15 +164,11 @@ def test_hf_engine_releases_gpu_memory(cuda) -> None:
 
 
 def test_nccl_weight_broadcast_sends_from_the_current_gpu(cuda) -> None:
-    from megatron_opd.rollout.sglang.weight_sync import DistributedWeightSync
+    """The student's rank 0 broadcasts from its current GPU over NCCL, from host memory over gloo."""
+    from megatron_opd.rollout.sglang.weight_sync import group_device
 
-    def make(backend: str) -> DistributedWeightSync:
-        return DistributedWeightSync(
-            ["http://s"], [2], lambda *a: {}, master_address="h", master_port=1, backend=backend
-        )
-
-    assert make("nccl").device == torch.device("cuda", 3)
-    assert make("gloo").device == torch.device("cpu")
+    assert group_device("nccl") == torch.device("cuda", 3)
+    assert group_device("gloo") == torch.device("cpu")
 
 
 def test_sglang_launch_counts_the_visible_gpus(cuda) -> None:
@@ -203,6 +203,7 @@ def test_worker_groups_are_placed_on_gpu_bundles(cuda, monkeypatch: pytest.Monke
 
 def _train_in(dtype: str, student: str, samples: list, steps: int) -> tuple[str, list[dict], dict, dict]:
     """Optimizer class, per-step metrics, and per-sample log-probs before and after the steps."""
+    from megatron_opd.scoring.contract import ScoreRequest
     from megatron_opd.trainer.worker import ModelWorker
     from tests.trainer.conftest import worker_spec
 
@@ -210,16 +211,16 @@ def _train_in(dtype: str, student: str, samples: list, steps: int) -> tuple[str,
     spec = dataclasses.replace(spec, model=dataclasses.replace(spec.model, dtype=dtype))
     worker = ModelWorker(spec, 0, 1)
     worker.setup("127.0.0.1", 0)
-    opt = worker.optimizer.chained_optimizers[0]
-    params = {p.dtype for p in worker._unwrapped().parameters()}
+    opt = worker.student.optimizer.chained_optimizers[0]
+    params = {p.dtype for p in worker.student.module.parameters()}
     main = {p.dtype for group in opt.shard_fp32_from_float16_groups for p in group}
     kind = f"{type(opt).__name__} params {sorted(map(str, params))} main {sorted(map(str, main))}"
 
     def logps() -> dict[int, list[float]]:  # plain lists: tensors would be shared with the exiting process
-        return {uid: d["logp"].tolist() for uid, d in worker.score(samples).items()}
+        return {uid: d.logp.tolist() for uid, d in worker.score(samples, ScoreRequest()).items()}
 
     before = logps()
-    metrics = [worker.train_step(samples) for _ in range(steps)]
+    metrics = [worker.train_step(samples).as_dict() for _ in range(steps)]
     return kind, metrics, before, logps()
 
 
@@ -230,6 +231,7 @@ def test_bf16_student_trains_with_fp32_main_weights(tmp_path) -> None:
     (loss and gradient norm within bf16 rounding) and updates move it toward the teacher."""
     from megatron_opd.models.tiny import save_tiny_model, tiny_config
     from megatron_opd.platform.spawn import spawn_world
+    from megatron_opd.scoring.contract import TokenScores
     from tests.trainer.conftest import VOCAB, hf_scores, make_samples
 
     student, teacher = str(tmp_path / "student"), str(tmp_path / "teacher")
@@ -237,7 +239,7 @@ def test_bf16_student_trains_with_fp32_main_weights(tmp_path) -> None:
     save_tiny_model(teacher, tiny_config(vocab_size=VOCAB), seed=2, init_std=0.1)
     samples = make_samples(6, seed=11)
     for s in samples:
-        s.teacher_logp = hf_scores(teacher, [s])[s.uid]["logp"].float()
+        s.scores.teacher = TokenScores(hf_scores(teacher, [s])[s.uid].logp.float())
     (bf16,) = spawn_world(_train_in, 1, "bf16", student, samples, 4)
     (fp32,) = spawn_world(_train_in, 1, "fp32", student, samples, 1)
     optimizer, metrics, before, after = bf16
@@ -246,7 +248,7 @@ def test_bf16_student_trains_with_fp32_main_weights(tmp_path) -> None:
     for key in ("train/loss", "train/grad_norm"):
         assert metrics[0][key] == pytest.approx(fp32[1][0][key], rel=3e-2), key
     gap = {
-        k: torch.cat([(torch.tensor(d[s.uid]) - s.teacher_logp).abs() for s in samples]).mean()
+        k: torch.cat([(torch.tensor(d[s.uid]) - s.scores.teacher.logp).abs() for s in samples]).mean()
         for k, d in (("before", before), ("after", after))
     }
     assert gap["after"] < gap["before"], gap

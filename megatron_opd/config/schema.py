@@ -143,7 +143,7 @@ def model_hf_dir(path: str) -> str:
 @dataclasses.dataclass
 class TeacherConfig(ModelConfig):
     """A frozen teacher. ``name`` is what ``extra_info.opd_teacher`` routes to; ``base_path`` is
-    the teacher's pre-RL base model, the reference for reward correction (OBJECTIVES §2)."""
+    the teacher's pre-RL base model, the reference for reward correction (docs/objectives.md §2)."""
 
     name: str = "default"
     base_path: str | None = None

@@ -20,7 +20,7 @@ from megatron_opd.config.schema import OptimConfig
 from megatron_opd.convert.load import unwrap_model
 from megatron_opd.objectives.base import Objective
 from megatron_opd.scoring.contract import ScoreRequest, TokenScores
-from megatron_opd.scoring.scorer import score_samples
+from megatron_opd.scoring.scorer import ScoringModel
 from megatron_opd.trainer.batch import MicroBatching, Sample
 from megatron_opd.trainer.student_checkpoint import load_training_state, save_training_state
 from megatron_opd.trainer.train_step import TrainMetrics, train_step
@@ -50,6 +50,7 @@ class StudentState:
         self.batching, self.groups, self.rank = batching, groups, rank
         self.clip_grad, self.mini_batches_per_step = clip_grad, mini_batches_per_step
         self.hf_config = hf_config  # the HF description of the model (recorded in checkpoints)
+        self.scorer = ScoringModel(model, batching=batching, temperature=objective.temperature, groups=groups)
         self._host_params: list[torch.nn.Parameter] = []  # offloaded parameters outside the DDP buffers
 
     @classmethod
@@ -144,31 +145,13 @@ class StudentState:
         was_training = self.model.training
         self.model.eval()
         try:
-            return score_samples(
-                self.model,
-                samples,
-                request,
-                ids,
-                batching=self.batching,
-                temperature=self.objective.temperature,
-                groups=self.groups,
-            )
+            return self.scorer.score(samples, request, ids)
         finally:
             self.model.train(was_training)
 
     def train_step(self, samples: list[Sample]) -> TrainMetrics | None:
         """One optimizer step per mini-batch over this DP rank's scored samples; metrics on the output ranks."""
-        return train_step(
-            samples,
-            model=self.model,
-            optimizer=self.optimizer,
-            scheduler=self.scheduler,
-            objective=self.objective,
-            batching=self.batching,
-            groups=self.groups,
-            clip_grad=self.clip_grad,
-            mini_batches_per_step=self.mini_batches_per_step,
-        )
+        return train_step(self, samples)
 
     # ---- checkpoints ----
 

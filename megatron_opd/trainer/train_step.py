@@ -1,5 +1,5 @@
-"""The student's optimizer step on one DP rank's scored rollouts, top to bottom (:func:`train_step`; the
-student's state runs it, ``trainer.student``).
+"""The student's optimizer step on one DP rank's scored rollouts, top to bottom (:func:`train_step`, on the
+student's state: ``trainer.student.StudentState``).
 
 1. Split the rollouts into ``mini_batches_per_step`` mini-batches (PPO-clip form when > 1).
 2. Per mini-batch: micro-batches under the token budget; each one's token batch (the objective's view of its
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -40,6 +40,20 @@ from megatron_opd.trainer.batch import MicroBatch, MicroBatching, Sample
 
 if TYPE_CHECKING:
     from megatron.core.process_groups_config import ProcessGroupCollection
+
+
+class TrainingState(Protocol):
+    """What a train step works with: Megatron's DDP-wrapped ``model``, its ``optimizer`` and LR ``scheduler``, the
+    ``objective``, the micro-batching, the rank's process groups, and the step's settings."""
+
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    objective: Objective
+    batching: MicroBatching
+    groups: ProcessGroupCollection
+    clip_grad: float  # 0: no clipping
+    mini_batches_per_step: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,20 +132,10 @@ def _with_common_keys(metrics: Metrics, group: dist.ProcessGroup) -> Metrics:
     return {n: metrics.get(n, (zero, zero)) for n in sorted(set().union(*names))}
 
 
-def train_step(
-    samples: list[Sample],
-    *,
-    model: Any,
-    optimizer: Any,
-    scheduler: Any,
-    objective: Objective,
-    batching: MicroBatching,
-    groups: ProcessGroupCollection,
-    clip_grad: float,
-    mini_batches_per_step: int,
-) -> TrainMetrics | None:
-    """One optimizer step per mini-batch over this DP rank's scored ``samples`` with Megatron's DDP ``model``,
-    ``optimizer`` and LR ``scheduler``; the metrics on the output ranks (``None`` on the others)."""
+def train_step(state: TrainingState, samples: list[Sample]) -> TrainMetrics | None:
+    """One optimizer step per mini-batch over this DP rank's scored ``samples``; the metrics on the output ranks
+    (``None`` on the others)."""
+    model, optimizer, objective, groups = state.model, state.optimizer, state.objective, state.groups
     dp_group, dp_size = groups.dp, dist.get_world_size(groups.dp)
     last_stage = is_last_stage(groups)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -140,8 +144,8 @@ def train_step(
     loss_total = torch.zeros((), dtype=torch.float64, device=device)
     grad_norms: list[float] = []
     skipped = 0
-    for mini in split_mini_batches(samples, mini_batches_per_step):
-        mbs = batching.split(mini, groups, at_least_one=True)
+    for mini in split_mini_batches(samples, state.mini_batches_per_step):
+        mbs = state.batching.split(mini, groups, at_least_one=True)
         batches = [objective.token_batch(mb.samples, mb.labels, mb.seq_index, groups.tp) for mb in mbs]
         masks = [
             objective.loss_mask(
@@ -172,10 +176,10 @@ def train_step(
         if step.bad.item() > 0 or not math.isfinite(grad_norm):
             skipped += 1
             continue
-        if clip_grad > 0:
-            clip_gradients(optimizer, clip_grad, grad_norm)
+        if state.clip_grad > 0:
+            clip_gradients(optimizer, state.clip_grad, grad_norm)
         optimizer.step_with_ready_grads()
-        scheduler.step(increment=1)
+        state.scheduler.step(increment=1)
         grad_norms.append(grad_norm)
     if not last_stage:
         return None

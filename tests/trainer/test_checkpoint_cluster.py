@@ -98,18 +98,19 @@ def _world1(student: str, root: str) -> dict:
 
     _part(result, "cross_spec", cross_spec)
 
-    def torch_adam_resume_continues() -> tuple:
+    def resume_continues(name: str) -> tuple:
+        """An update, a save, an update; and a resume from that save with an update."""
         trained = _worker(student)
         _train(trained)
-        _save(trained, f"{root}/adam1", 1)
+        _save(trained, f"{root}/{name}", 1)
         _train(trained)
         want = _snapshot(trained)
         resumed = _worker(student)
-        resumed.load_checkpoint(f"{root}/adam1")
+        resumed.load_checkpoint(f"{root}/{name}")
         _train(resumed)
         return want, _snapshot(resumed)
 
-    _part(result, "torch_adam", torch_adam_resume_continues)
+    _part(result, "torch_adam", lambda: resume_continues("adam1"))
 
     te_fakes.install_fused_adam()
 
@@ -124,18 +125,7 @@ def _world1(student: str, root: str) -> dict:
 
     _part(result, "fresh", fresh_save_and_resume)
 
-    def resume_continues() -> tuple:
-        trained = _worker(student)
-        _train(trained)
-        _save(trained, f"{root}/step1", 1)
-        _train(trained)
-        want = _snapshot(trained)
-        resumed = _worker(student)
-        resumed.load_checkpoint(f"{root}/step1")
-        _train(resumed)
-        return want, _snapshot(resumed)
-
-    _part(result, "continues", resume_continues)
+    _part(result, "continues", lambda: resume_continues("step1"))
     return result
 
 

@@ -163,7 +163,7 @@ class FakeEngine:
 
 
 def test_seqkd_responses_come_from_each_prompts_teacher() -> None:
-    """SFT (OBJECTIVES §7) trains on teacher-written responses: with ``writers`` each prompt's own teacher
+    """SFT (docs/objectives.md §7) trains on teacher-written responses: with ``writers`` each prompt's own teacher
     generates, the student's engine does not."""
     from megatron_opd.config.schema import OPDConfig, TeacherConfig
     from megatron_opd.data.dataset import PromptSample

@@ -1,4 +1,4 @@
-"""Model FLOPs of a Qwen3 / Qwen3-MoE forward pass, for tokens/s → MFU (issue 11).
+"""Model FLOPs of a Qwen3 / Qwen3-MoE forward pass, for tokens/s → MFU (docs/benchmarks.md).
 
 Counted as everyone counts MFU (PaLM appendix B; Megatron-LM's ``num_floating_point_operations``): 2 FLOPs per
 multiply-add of every matmul a token goes through — attention projections, the MLP (for MoE: the router and

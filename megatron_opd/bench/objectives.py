@@ -22,8 +22,8 @@ import torch
 from megatron_opd.bench.common import device_name, list_arg, peak_bytes, time_ms, write_records
 from megatron_opd.kernels import token_logprobs, topk_logprobs
 from megatron_opd.objectives import reference as ref
-from megatron_opd.objectives.base import TokenBatch
 from megatron_opd.objectives.config import ObjectiveConfig
+from megatron_opd.objectives.inputs import TokenBatch
 from megatron_opd.objectives.registry import build_objective
 
 OBJECTIVES = ("opd", "exopd", "aopd", "lsm", "gkd", "sft")
@@ -119,7 +119,7 @@ def build_run(objective: str, impl: str, x: Inputs, k: int) -> tuple[Callable[[]
         token_weight=x.weights,
         seq_index=torch.arange(z.shape[0], device=z.device) // 512,
         teacher_logp=x.teacher_logp if on_policy else None,
-        ref_logp=x.ref_logp if cfg.needs_reference() else None,
+        ref_logp=x.ref_logp if obj.requirements.reference is not None else None,
         rollout_logp=x.rollout_logp if on_policy else None,
         support_ids=x.support_ids if on_policy else None,
         support_teacher_logp=x.support_teacher_logp if on_policy else None,

@@ -15,7 +15,7 @@ from megatron_opd.bench.common import list_arg
 from megatron_opd.config.errors import ConfigError
 from megatron_opd.config.loader import load_config
 from megatron_opd.config.schema import model_hf_dir
-from megatron_opd.objectives.config import OBJECTIVE_NAMES
+from megatron_opd.objectives.registry import OBJECTIVE_NAMES
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -143,7 +143,7 @@ def model_hf_dir(path: str) -> str:
 @dataclasses.dataclass
 class TeacherConfig(ModelConfig):
     """A frozen teacher. ``name`` is what ``extra_info.opd_teacher`` routes to; ``base_path`` is
-    the teacher's pre-RL base model, the reference for reward correction (OBJECTIVES §2)."""
+    the teacher's pre-RL base model, the reference for reward correction (docs/objectives.md §2)."""
 
     name: str = "default"
     base_path: str | None = None
@@ -223,6 +223,8 @@ class OPDConfig:
     def validate(self) -> dict[str, Any]:
         """Check every section and their cross-constraints; returns the HF configs by group
         (``student``, ``teachers[name]``). Reads only ``config.json`` files."""
+        from megatron_opd.objectives.registry import validate_objective
+
         hf = {"student": self.student.validate("student")}
         if not self.teachers:
             raise ConfigError(
@@ -254,7 +256,7 @@ class OPDConfig:
                 "use student.dtype=bf16 (or auto), student.offload_when_idle=false, or "
                 "optim.use_distributed_optimizer=false.",
             )
-        self.objective.validate(has_teacher_base=all(t.base_path for t in self.teachers))
+        validate_objective(self.objective, has_teacher_base=all(t.base_path for t in self.teachers))
         self.objective.validate_vocab(hf["student"].vocab_size)
         self.data.validate()
         self.rollout.validate()

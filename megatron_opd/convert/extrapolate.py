@@ -1,4 +1,4 @@
-"""ExPO, model extrapolation (Zheng et al. 2025; OBJECTIVES.md §7): from a student and teachers of
+"""ExPO, model extrapolation (Zheng et al. 2025; docs/objectives.md §7): from a student and teachers of
 the same architecture, ``θ = θ_avg + α (θ_avg − θ_student)`` with ``θ_avg`` the teachers' mean.
 
 HF in, HF out, one tensor name at a time and, within it, blocks of rows: the teachers' rows are read

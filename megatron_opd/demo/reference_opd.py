@@ -1,7 +1,7 @@
 """A pure-torch ExOPD loop on Hugging Face models, used only to verify that the demo task is learnable
 within the trainer's step budget (the real trainer is ``megatron_opd.trainer`` on Megatron-Core).
 
-OBJECTIVES.md §2 with on-policy rollouts (one update per batch, so ``ℓ_old = ℓ_S``):
+docs/objectives.md §2 with on-policy rollouts (one update per batch, so ``ℓ_old = ℓ_S``):
 ``A_t = sg((ℓ_T − ℓ_S) + (λ − 1)(ℓ_T − ℓ_R))``, ``L = −Σ_t M_t A_t ℓ_S(t) / Σ_t M_t`` over the batch,
 ``R`` = the student's initial weights.
 """

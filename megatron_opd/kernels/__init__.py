@@ -1,4 +1,4 @@
-"""Vocab-sized math for OPD objectives (OBJECTIVES.md §1-§5): sampled-token log-probs, entropy and log-probs at
+"""Vocab-sized math for OPD objectives (docs/objectives.md §1-§5): sampled-token log-probs, entropy and log-probs at
 given ids with autograd (also straight from hidden states and the LM-head shard, and as a loss whose gradient the
 forward computes), global top-k across
 tensor-parallel ranks (also fused with the LM head and the sampled-token log-prob), and the divergence family on a

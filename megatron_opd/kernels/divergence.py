@@ -1,7 +1,7 @@
-"""The divergence family ``D_β(P_teacher ‖ Q_student)`` on a K-entry support (OBJECTIVES.md §5; AOPD §3, LSM §4,
-GKD): per-row values from full-vocab-normalized log-probs ``[N, K]``, differentiable through ``student_logp``
-(which :func:`megatron_opd.kernels.token_logprobs` returns with its gradient path into the logits shard), and its
-float64 reference in probability space.
+"""The divergence family ``D_β(P_teacher ‖ Q_student)`` on a K-entry support (docs/objectives.md §5; AOPD §3, LSM §4,
+GKD): per-row values from full-vocab-normalized log-probs ``[N, K]``, differentiable through ``student_logp`` (which
+:func:`megatron_opd.kernels.token_logprobs` returns with its gradient path into the logits shard), and its float64
+reference in probability space.
 
 Everything is in log space and guarded so that -inf entries (zero probability, masked or padded ids) contribute
 exactly 0 and never a NaN gradient: masked values are replaced *before* any op whose backward could divide by zero.
@@ -53,7 +53,7 @@ def support_divergence(
     tail_bucket: bool = False,
     valid: Tensor | None = None,
 ) -> Tensor:
-    """``D_β(P ‖ Q)`` per row ``[N]`` on the support given by the K columns (OBJECTIVES.md §5).
+    """``D_β(P ‖ Q)`` per row ``[N]`` on the support given by the K columns (docs/objectives.md §5).
 
     ``student_logp``/``teacher_logp`` ``[N, K]`` are full-vocab-normalized log-probs at the same ids. ``renormalize``:
     both renormalized on the support; else, with ``tail_bucket``, one extra entry ``log(1 - Σ_K p)`` per side; else

@@ -1,4 +1,4 @@
-"""Token log-probs straight from hidden states and this rank's LM-head shard, with autograd (OBJECTIVES.md §1-§5):
+"""Token log-probs straight from hidden states and this rank's LM-head shard, with autograd (docs/objectives.md §1-§5):
 no ``[N, V_local]`` logits tensor exists beyond one chunk, in forward or backward; and its float64 reference.
 
 Forward, per chunk of ``chunk_tokens`` rows: ``z = h @ W_shardᵀ`` in the input dtype (as Megatron's output layer

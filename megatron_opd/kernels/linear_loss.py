@@ -1,6 +1,6 @@
 """A loss over token log-probs straight from hidden states and this rank's LM-head shard, with its gradient computed
-during the forward (OBJECTIVES.md §1-§5; Liger-Kernel's fused linear cross entropy, generalized to any loss that sums
-a function of each row's log-prob, entropy and ids log-probs); and its float64 reference.
+during the forward (docs/objectives.md §1-§5; Liger-Kernel's fused linear cross entropy, generalized to any loss that
+sums a function of each row's log-prob, entropy and ids log-probs); and its float64 reference.
 
 Per chunk of ``chunk_tokens`` rows: ``z = h @ W_shardᵀ``, the backend's one pass and the chunk's TP reduction give the
 rows' outputs; ``row_loss`` of those outputs and its gradient w.r.t. them (autograd on ``[rows]``-sized tensors) give

@@ -1,5 +1,5 @@
-"""Scoring straight from hidden states and this rank's LM-head shard (OBJECTIVES.md §3-§4: a teacher's sampled-token
-log-prob and its top-K support in one pass), forward only; and its float64 reference.
+"""Scoring straight from hidden states and this rank's LM-head shard (docs/objectives.md §3-§4: a teacher's
+sampled-token log-prob and its top-K support in one pass), forward only; and its float64 reference.
 
 Per chunk of ``chunk_tokens`` rows: ``z = h @ W_shardᵀ`` in the input dtype, one pass of the backend over ``z`` giving
 the row statistics, ``x`` at the labels and ids and the shard's top-k, then the TP reduction and the exchange of

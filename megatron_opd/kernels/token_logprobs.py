@@ -1,5 +1,6 @@
 """Sampled-token log-probs, entropy and log-probs at given ids over a vocab-sharded row, with autograd
-(OBJECTIVES.md §1-§5: ``ℓ_S``, entropy, and the student's ``log p`` on a top-K support), and its float64 reference.
+(docs/objectives.md §1-§5: ``ℓ_S``, entropy, and the student's ``log p`` on a top-K support), and its float64
+reference.
 
 Forward reads the logits shard once (``vocab_parallel.shard_pass``: the backend's ``row_stats`` and the reduction
 over the TP group) and returns full-vocab-normalized values. Saved for backward: the logits (the caller's tensor, no

@@ -1,5 +1,5 @@
-"""Global top-k of a vocab-sharded row (OBJECTIVES.md §3-§4: the teacher's top-K support, ``student_topk``), and its
-float64 reference.
+"""Global top-k of a vocab-sharded row (docs/objectives.md §3-§4: the teacher's top-K support, ``student_topk``), and
+its float64 reference.
 
 Each rank reads its shard once for the row statistics and its local top-k (``vocab_parallel.shard_pass``), the TP
 ranks exchange ``TP x k`` candidates, and every rank selects the same global top-k from the same gathered tensor.

@@ -1,6 +1,6 @@
 """The chunked torch implementation of ``backend.VocabBackend`` (CPU, and any device without Triton): the same two
 passes as the Triton kernels, over blocks of rows so that no fp32 copy larger than ``CHUNK_ELEMENTS`` of the logits
-shard ever exists (DESIGN "no fp32 [tokens x vocab] tensor"; OBJECTIVES.md §5)."""
+shard ever exists (docs/kernels.md: never an fp32 ``[tokens × vocab]`` tensor; docs/objectives.md §5)."""
 
 from __future__ import annotations
 

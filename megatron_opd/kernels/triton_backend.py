@@ -1,5 +1,5 @@
-"""The Triton implementation of ``backend.VocabBackend`` (OBJECTIVES.md §1-§5). Why the kernels are shaped this way,
-against the H200 measurements, is in docs/kernels.md ("Reaching the HBM floor").
+"""The Triton implementation of ``backend.VocabBackend`` (docs/objectives.md §1-§5). Why the kernels are shaped this
+way, against the H200 measurements, is in docs/kernels.md ("Reaching the HBM floor").
 
 The streaming kernels give each program ``ROWS`` consecutive rows and walk them as one sequence of ``BLOCK_V``-wide
 tiles, loading tile t+1 before working on tile t (also across row boundaries), so a program always has its next tile

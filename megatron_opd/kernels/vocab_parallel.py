@@ -1,6 +1,7 @@
-"""Vocab-parallel plumbing shared by the ops (OBJECTIVES.md §5, DESIGN "no fp32 [tokens x vocab] tensor"): which
-global ids this tensor-parallel rank owns, the one pass over a shard plus the reduction of its row statistics over
-the TP group into full-vocab log-sum-exp and entropy, and the exchange of top-k candidates.
+"""Vocab-parallel plumbing shared by the ops (docs/objectives.md §5; docs/kernels.md: never an fp32
+``[tokens × vocab]`` tensor): which global ids this tensor-parallel rank owns, the one pass over a shard plus the
+reduction of its row statistics over the TP group into full-vocab log-sum-exp and entropy, and the exchange of
+top-k candidates.
 
 A rank's shard is summarized per row by ``LocalStats`` relative to the shard's own max ``m_r`` (of ``x = z / T``):
 ``s_r = Σ exp(x - m_r)`` and ``a_r = Σ exp(x - m_r)·(x - m_r)``. With the global max ``M`` (one all-reduce MAX of

@@ -1,4 +1,4 @@
-"""Loss aggregation over the global batch (OBJECTIVES.md, Notation).
+"""Loss aggregation over the global batch (docs/objectives.md, Notation).
 
 ``token-mean``: ``Σ_t M_t L_t / Σ_t M_t`` over every token of the step (all micro-batches, all DP
 ranks). ``seq-mean-token-mean``: the mean over sequences of each sequence's token mean.

@@ -1,4 +1,4 @@
-"""AOPD, asymmetric on-policy distillation (OBJECTIVES.md §3; AOPD paper §5).
+"""AOPD, asymmetric on-policy distillation (docs/objectives.md §3; AOPD paper §5).
 
 ``L_t = (1 − m_t)(−A_t ℓ_S(t)) + m_t D_β(p̂_T ‖ p̂_S)`` on the teacher top-K ``K_t`` (renormalized, or
 raw / with a tail bucket when ``renormalize: false``), ``A_t = sg(ℓ_T − ℓ_S)``, intervention
@@ -14,7 +14,9 @@ import torch
 from torch import Tensor
 
 from megatron_opd.kernels import support_divergence
-from megatron_opd.objectives.base import Objective, StudentScores, TokenBatch, require
+from megatron_opd.objectives.base import Objective, StudentScores
+from megatron_opd.objectives.config import ObjectiveConfig
+from megatron_opd.objectives.inputs import TokenBatch, require
 from megatron_opd.objectives.metrics import Metrics
 from megatron_opd.objectives.reference import aopd_intervention, gopd_advantage
 
@@ -22,10 +24,13 @@ from megatron_opd.objectives.reference import aopd_intervention, gopd_advantage
 class AOPDObjective(Objective):
     """``aopd``: τ, β (default 0, forward KL), ``aopd_variant``, ``top_k``."""
 
+    name = "aopd"
     policy_gradient = True
+    support = "teacher_topk"
 
-    def support_kind(self) -> str:
-        return "teacher_topk"
+    @classmethod
+    def needs_outcome_reward(cls, cfg: ObjectiveConfig) -> bool:
+        return cfg.aopd_variant == "accuracy_filtered"
 
     def token_losses(self, batch: TokenBatch, scores: StudentScores, metrics: Metrics) -> Tensor:
         cfg = self.cfg
@@ -40,7 +45,7 @@ class AOPDObjective(Objective):
         guide = support_divergence(
             scores.support_logp,
             scores.support_teacher_logp,
-            cfg.divergence_beta,
+            self.divergence_beta(cfg),
             renormalize=cfg.renormalize,
             tail_bucket=cfg.tail_bucket,
             valid=scores.support_valid,

@@ -1,16 +1,21 @@
-"""The objective interface the trainer calls (OBJECTIVES.md §1-§6).
+"""The objective interface the trainer calls (docs/objectives.md §1–§6).
 
-Per micro-batch the trainer flattens the response tokens to ``N`` rows and fills a :class:`TokenBatch`:
-the student's logits shard ``[N, V_local]`` (with grad), labels ``y_t``, the masks, and the scores the
-objective's :class:`Requirements` ask for (teacher/reference/old/rollout log-probs at ``y_t``, a top-K
-support with the teacher's log-probs on it). Calling the objective returns an :class:`ObjectiveOutput`:
-this micro-batch's scalar loss ``Σ_t w_t L_t`` (``w_t`` from ``aggregation.token_weights``) and metrics
-as (sum, count) pairs.
+Per micro-batch the trainer hands over a :class:`~megatron_opd.objectives.inputs.TokenBatch`: the student's
+logits shard ``[N, V_local]`` (with grad), labels ``y_t``, the masks, and the scores the objective's
+:class:`~megatron_opd.objectives.inputs.Requirements` ask for (teacher/reference/old/rollout log-probs at
+``y_t``, a top-K support with the teacher's log-probs on it). Calling the objective returns an
+:class:`ObjectiveOutput`: this micro-batch's scalar loss ``Σ_t w_t L_t`` (``w_t`` from
+``aggregation.token_weights``) and metrics as (sum, count) pairs.
 
-The vocabulary-sized work is one :func:`megatron_opd.kernels.token_logprobs` call (one fused pass over
-the logits shard forward, one backward; ``ℓ_S``, entropy and the student's log-probs on the support),
-plus a forward-only :func:`megatron_opd.kernels.topk_logprobs` for the top-K overlap metric; the rest is
-[N] / [N, K] torch math. No [N, V] fp32 tensor is built.
+The vocabulary-sized work is one pass of the student's kernels (``TokenBatch.student_logprobs``: one fused pass
+over the logits shard forward, one backward; ``ℓ_S``, entropy and the student's log-probs on the support), plus a
+forward-only top-K for the top-K overlap metric; the rest is [N] / [N, K] torch math. No [N, V] fp32 tensor is
+built.
+
+What distinguishes one objective from another is declared on its class: whether it trains on its own rollouts,
+has a policy-gradient term, compares on a support (and whether ``objective.support`` chooses it), takes the
+reward scale λ and its default, its default β, and the constraints it puts on the config
+(:meth:`Objective.validate_config`). ``registry.OBJECTIVES`` maps ``objective.name`` to the class.
 
 Masks: ``response_mask`` marks response tokens; :meth:`Objective.loss_mask` removes special tokens (§4)
 and rollout-rejected tokens (§6) to give the final ``M_t``. The trainer counts tokens/sequences of that
@@ -23,40 +28,18 @@ import abc
 import dataclasses
 import math
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
-from megatron_opd.kernels import TokenLogprobs, token_logprobs, topk_logprobs
 from megatron_opd.objectives.aggregation import aggregate
 from megatron_opd.objectives.config import ObjectiveConfig
+from megatron_opd.objectives.inputs import Requirements, ScoredSample, TokenBatch, require, token_batch
 from megatron_opd.objectives.metrics import Metrics, masked_metric
 from megatron_opd.objectives.reference import LOG_RATIO_BOUND, policy_gradient_token_loss
 from megatron_opd.objectives.rollout_correction import mismatch_metrics, rejection_keep, token_is_weights
-
-
-@dataclasses.dataclass
-class TokenBatch:
-    """One micro-batch's response tokens, flattened to ``N`` rows (all tensors on the logits' device)."""
-
-    logits: Tensor  # [N, V_local] student logits, this TP rank's vocab shard, with grad
-    labels: Tensor  # [N] int64 sampled tokens y_t (global ids)
-    response_mask: Tensor  # [N] 1 on response tokens, 0 on prompt/padding
-    token_weight: Tensor  # [N] w_t from aggregation.token_weights on the final loss mask
-    seq_index: Tensor  # [N] int64 sequence of each token (unique within the micro-batch)
-    teacher_logp: Tensor | None = None  # [N] ℓ_T(t), from each sample's own teacher
-    ref_logp: Tensor | None = None  # [N] ℓ_R(t), from each sample's own reference
-    old_logp: Tensor | None = None  # [N] ℓ_old(t), student under the rollout weights
-    rollout_logp: Tensor | None = None  # [N] ℓ_roll(t), reported by the rollout engine
-    support_ids: Tensor | None = None  # [N, K] int64 support ids (teacher top-K, or student top-K for LSM)
-    support_teacher_logp: Tensor | None = None  # [N, K] teacher's full-vocab log-probs at support_ids
-    support_valid: Tensor | None = None  # [N, K] bool, False on padded/duplicate entries
-    teacher_topk_ids: Tensor | None = None  # [N, K] the teacher's own top-K ids (overlap metric), if not support_ids
-    teacher_index: Tensor | None = None  # [N] int64 index into the objective's teacher_names
-    outcome_reward: Tensor | None = None  # [N] the trajectory's outcome reward (accuracy-filtered AOPD)
-    tp_group: ProcessGroup | None = None  # the student's tensor-parallel group (None: TP = 1)
-    vocab_start: int | None = None  # first global id of this rank's shard (None: Megatron's even split)
 
 
 @dataclasses.dataclass
@@ -65,24 +48,6 @@ class ObjectiveOutput:
 
     loss: Tensor
     metrics: Metrics
-
-
-@dataclasses.dataclass(frozen=True)
-class Requirements:
-    """What the trainer and scoring must supply per token, so nothing else is computed."""
-
-    teacher_logp: bool = False  # ℓ_T at y_t
-    reference: str | None = None  # None | student_base | teacher_base (reward correction): ℓ_R at y_t
-    old_logp: bool = False  # ℓ_old at y_t (a separate student forward under the rollout weights)
-    rollout_logp: bool = False  # ℓ_roll at y_t from the rollout engine
-    support: str | None = None  # None | teacher_topk | student_topk: the [N, K] support ids
-    top_k: int = 0
-    outcome_reward: bool = False
-
-    @property
-    def teacher_scores_student_topk(self) -> bool:
-        """The teacher must return log-probs at the student's top-K ids (computed under ℓ_old's weights)."""
-        return self.support == "student_topk"
 
 
 @dataclasses.dataclass
@@ -100,10 +65,17 @@ class StudentScores:
 
 class Objective(abc.ABC):
     """Base of every objective: masks, the shared kernel pass, rollout correction, the policy-gradient
-    term and the common metrics. Subclasses implement :meth:`token_losses` (the per-token ``L_t``)."""
+    term and the common metrics. Subclasses declare their facts below and implement :meth:`token_losses`
+    (the per-token ``L_t``)."""
 
-    policy_gradient: bool = False  # has a −A_t ℓ_S(t) term, which rollout correction and PPO-clip apply to
-    on_policy: bool = True  # trains on student rollouts (False: SFT on teacher text)
+    name: ClassVar[str]  # objective.name
+    on_policy: ClassVar[bool] = True  # trains on student rollouts (False: SFT on teacher text)
+    policy_gradient: ClassVar[bool] = False  # has a −A_t ℓ_S(t) term, which rollout correction and PPO-clip apply to
+    support: ClassVar[str | None] = None  # the support of §3–§5 it compares on (None: none)
+    chooses_support: ClassVar[bool] = False  # objective.support chooses the support instead
+    takes_lambda: ClassVar[bool] = False  # reads the reward scale λ (objective.lambda) of §2
+    default_lambda: ClassVar[float] = 1.0  # λ when objective.lambda is unset
+    default_beta: ClassVar[float] = 0.0  # β of §5 when objective.beta is unset
 
     def __init__(
         self,
@@ -115,30 +87,71 @@ class Objective(abc.ABC):
         teacher_names: Sequence[str] = (),
     ) -> None:
         self.cfg = cfg
-        self.name = cfg.name
         self.masked_token_ids = torch.tensor(sorted({int(i) for i in masked_token_ids}), dtype=torch.int64)
         self.ppo_clip = ppo_clip
         self.temperature = temperature
         self.teacher_names = tuple(teacher_names)
 
-    # ---- what the trainer must supply ----
+    # ---- facts of the objective under a config ----
 
-    def support_kind(self) -> str | None:
-        """None, or the support of §3-§5: teacher_topk | student_topk | teacher_topk+sampled."""
+    @classmethod
+    def support_kind(cls, cfg: ObjectiveConfig) -> str | None:
+        """None, or the support of §3–§5: teacher_topk | student_topk | teacher_topk+sampled."""
+        return cfg.support if cls.chooses_support else cls.support
+
+    @classmethod
+    def lam(cls, cfg: ObjectiveConfig) -> float:
+        """λ of §2 with the objective's default."""
+        return cfg.lambda_ if cfg.lambda_ is not None else cls.default_lambda
+
+    @classmethod
+    def divergence_beta(cls, cfg: ObjectiveConfig) -> float:
+        """β of §5 with the objective's default."""
+        return cfg.beta if cfg.beta is not None else cls.default_beta
+
+    @classmethod
+    def needs_reference(cls, cfg: ObjectiveConfig) -> bool:
+        """The reference model is computed only where it does not cancel (§2: λ ≠ 1)."""
+        return cls.takes_lambda and cls.lam(cfg) != 1.0
+
+    @classmethod
+    def needs_outcome_reward(cls, cfg: ObjectiveConfig) -> bool:
+        """The loss reads each trajectory's outcome reward."""
+        return False
+
+    @classmethod
+    def validate_config(cls, cfg: ObjectiveConfig) -> None:
+        """Raise a ConfigError where ``cfg`` breaks a constraint of this objective (after the keys' domains
+        and their use by this objective are checked: ``registry.validate_objective``). None by default."""
         return None
+
+    # ---- what the trainer must supply ----
 
     @property
     def requirements(self) -> Requirements:
-        cfg, kind = self.cfg, self.support_kind()
+        cfg, kind = self.cfg, self.support_kind(self.cfg)
         rs = self.on_policy and cfg.rollout_rs != "none"
         return Requirements(
             teacher_logp=self.on_policy,
-            reference=cfg.reference if cfg.needs_reference() else None,
+            reference=cfg.reference if self.needs_reference(cfg) else None,
             old_logp=rs or (self.policy_gradient and (self.ppo_clip or cfg.advantage_logp == "old")),
             rollout_logp=self.on_policy and (cfg.rollout_is != "none" or rs),
             support=None if kind is None else kind.removesuffix("+sampled"),
             top_k=cfg.top_k if kind is not None else 0,
-            outcome_reward=cfg.name == "aopd" and cfg.aopd_variant == "accuracy_filtered",
+            outcome_reward=self.needs_outcome_reward(cfg),
+        )
+
+    def token_batch(
+        self, samples: Sequence[ScoredSample], labels: Tensor, seq_index: Tensor, tp_group: ProcessGroup | None
+    ) -> TokenBatch:
+        """The token batch of a micro-batch's scored samples, as this objective reads it."""
+        return token_batch(
+            samples,
+            labels,
+            seq_index,
+            support=self.requirements.support,
+            teacher_names=self.teacher_names,
+            tp_group=tp_group,
         )
 
     # ---- masks ----
@@ -187,14 +200,7 @@ class Objective(abc.ABC):
         response, unspecial, keep = self._masks(b.response_mask, b.labels, b.old_logp, b.rollout_logp, b.seq_index)
         labels = torch.where(keep, b.labels, torch.full_like(b.labels, -1))
         support = self._support(b, keep, labels)
-        tl: TokenLogprobs = token_logprobs(
-            b.logits,
-            labels,
-            None if support is None else support[0],
-            temperature=self.temperature,
-            tp_group=b.tp_group,
-            vocab_start=b.vocab_start,
-        )
+        tl = b.student_logprobs(labels, None if support is None else support[0], self.temperature)
         metrics: Metrics = {"student/entropy": masked_metric(tl.entropy, keep)}
         old = b.old_logp if b.old_logp is not None else tl.label_logprob.detach()
         is_weight = torch.ones_like(tl.label_logprob)
@@ -214,7 +220,8 @@ class Objective(abc.ABC):
         )
         per_token = self.token_losses(b, s, metrics)
         self._support_metrics(s, metrics)
-        weights = torch.where(keep, b.token_weight, torch.zeros_like(b.token_weight))
+        token_weight = require(b.token_weight, "token_weight", "the loss (set by the trainer)")
+        weights = torch.where(keep, token_weight, torch.zeros_like(token_weight))
         metrics["objective/token_loss"] = masked_metric(per_token, keep)
         if self.on_policy and b.teacher_logp is not None:
             self.record(metrics, "teacher/reverse_kl", tl.label_logprob - b.teacher_logp, keep, b)
@@ -233,7 +240,7 @@ class Objective(abc.ABC):
 
     def _support(self, b: TokenBatch, keep: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
         """(ids, teacher log-probs, valid) [N, K'] of the declared support; masked rows all invalid."""
-        kind = self.support_kind()
+        kind = self.support_kind(self.cfg)
         if kind is None:
             return None
         ids = require(b.support_ids, "support_ids", f"objective {self.name}")
@@ -294,23 +301,13 @@ class Objective(abc.ABC):
         """``support/topk_overlap``: share of the teacher top-K that is in the student's top-K (same K)."""
         if b.teacher_topk_ids is not None:
             teacher_ids, valid = b.teacher_topk_ids, b.teacher_topk_ids >= 0
-        elif b.support_ids is not None and self.support_kind() != "student_topk":
+        elif b.support_ids is not None and self.support_kind(self.cfg) != "student_topk":
             teacher_ids, valid = b.support_ids, b.support_ids >= 0
             if b.support_valid is not None:
                 valid = valid & b.support_valid.bool()
         else:
             return
-        k = teacher_ids.shape[1]
-        student_ids, _ = topk_logprobs(
-            b.logits.detach(), k, temperature=self.temperature, tp_group=b.tp_group, vocab_start=b.vocab_start
-        )
+        student_ids = b.student_topk(teacher_ids.shape[1], self.temperature)
         hit = (teacher_ids[:, :, None] == student_ids[:, None, :]).any(-1) & valid
         share = hit.sum(-1).double() / valid.sum(-1).clamp(min=1).double()
         metrics["support/topk_overlap"] = masked_metric(share, keep & valid.any(-1))
-
-
-def require(value: Tensor | None, field: str, why: str) -> Tensor:
-    """``value``, or a ValueError naming the missing :class:`TokenBatch` field and what needs it."""
-    if value is None:
-        raise ValueError(f"TokenBatch.{field} is required by {why}; see Objective.requirements")
-    return value

@@ -1,4 +1,9 @@
-"""``objective:`` section of the run config (OBJECTIVES.md §1-§6); every key is documented in docs/objectives.md."""
+"""``objective:`` section of the run config (docs/objectives.md §1–§6); every key is documented in docs/objectives.md.
+
+This is the section's schema and the domain of each key. Which objective reads which key, its defaults
+(λ, β, the support) and the constraints one objective puts on the others' keys are facts of the objective
+classes (``objectives/registry.py`` checks them: ``validate_objective``).
+"""
 
 from __future__ import annotations
 
@@ -6,12 +11,6 @@ import dataclasses
 
 from megatron_opd.config.errors import ConfigError, check_choice, check_positive
 
-OBJECTIVE_NAMES = ("opd", "gopd", "exopd", "aopd", "lsm", "gkd", "sft")
-# §2: the reward scale λ matters only for these; ExOPD's paper default is 1.25.
-LAMBDA_OBJECTIVES = ("opd", "gopd", "exopd")
-DEFAULT_LAMBDA = {"exopd": 1.25}
-# Objectives that compare the student to the teacher on a top-K support (§3-§5).
-SUPPORT_OBJECTIVES = ("aopd", "lsm", "gkd")
 SUPPORTS = ("teacher_topk", "student_topk", "teacher_topk+sampled")
 
 
@@ -20,16 +19,16 @@ class ObjectiveConfig:
     """Which objective, and its parameters. YAML key ``lambda`` is the field ``lambda_``."""
 
     name: str = "opd"
-    # §2 G-OPD / ExOPD: reward scale λ (None: 1.25 for exopd, else 1.0) and the reference model.
+    # §2 G-OPD / ExOPD: reward scale λ (None: the objective's default) and the reference model.
     lambda_: float | None = None
     reference: str = "student_base"  # student_base | teacher_base (reward correction)
     # §3 AOPD / §4 LSM / §5 GKD: the top-K support and the divergence on it.
     top_k: int = 32
     tau: float = 0.0
-    beta: float | None = None  # None: 0 (forward KL) for aopd and gkd; lsm is always 1 (reverse KL)
+    beta: float | None = None  # None: the objective's default (forward KL, or LSM's fixed reverse KL)
     aopd_variant: str = "default"  # default | zero | accuracy_filtered
     aopd_zero_tolerance: float = 1e-3
-    support: str = "teacher_topk"  # teacher_topk | student_topk | teacher_topk+sampled (lsm)
+    support: str = "teacher_topk"  # teacher_topk | student_topk | teacher_topk+sampled (objectives that choose)
     renormalize: bool = True
     tail_bucket: bool = False  # renormalize=false only: add the mass outside the support as one entry
     # §4 special-token masking; masked_token_ids None = the tokenizer's special/added tokens except the EOS.
@@ -50,64 +49,33 @@ class ObjectiveConfig:
     loss_agg_mode: str = "token-mean"  # token-mean | seq-mean-token-mean
 
     @property
-    def lam(self) -> float:
-        """λ of §2 with its per-objective default."""
-        return self.lambda_ if self.lambda_ is not None else DEFAULT_LAMBDA.get(self.name, 1.0)
-
-    @property
-    def divergence_beta(self) -> float:
-        """β of §5: LSM is the reverse KL (β = 1); AOPD and GKD default to forward KL (β = 0)."""
-        if self.name == "lsm":
-            return 1.0
-        return self.beta if self.beta is not None else 0.0
-
-    @property
     def rs_bounds(self) -> tuple[float, float]:
         """(lower, upper) ratio bounds of ``rollout_rs`` (§6)."""
         upper = self.rollout_rs_threshold if self.rollout_rs_threshold is not None else self.rollout_is_threshold
         lower = self.rollout_rs_threshold_lower if self.rollout_rs_threshold_lower is not None else 1.0 / upper
         return lower, upper
 
-    def needs_reference(self) -> bool:
-        """The reference model is computed only where it does not cancel (§2: λ ≠ 1)."""
-        return self.name in LAMBDA_OBJECTIVES and self.lam != 1.0
-
     def validate(self, has_teacher_base: bool = True) -> None:
-        """Raise :class:`ConfigError` (naming the key and the fix) on the first bad value."""
-        check_choice("objective.name", self.name, OBJECTIVE_NAMES)
-        self._validate_lambda(has_teacher_base)
+        """Raise :class:`ConfigError` (naming the key and the fix) on the first value outside its key's domain.
+        ``has_teacher_base``: every teacher has a ``base_path`` (``reference: teacher_base`` needs one)."""
+        check_choice("objective.reference", self.reference, ("student_base", "teacher_base"))
+        if self.reference == "teacher_base" and not has_teacher_base:
+            raise ConfigError(
+                "objective.reference",
+                self.reference,
+                "reward correction needs the teacher's pre-RL base model.",
+                "set teachers[i].base_path for every teacher, or use reference=student_base.",
+            )
         check_positive("objective.top_k", self.top_k)
         if not -1.0 <= self.tau <= 1.0:
             raise ConfigError(
                 "objective.tau", self.tau, "must lie in [-1, 1].", "0 is AOPD's default; -1 = OPD, 1 = top-K GKD."
             )
-        if self.beta is not None:
-            if not 0.0 <= self.beta <= 1.0:
-                raise ConfigError("objective.beta", self.beta, "must lie in [0, 1].", "0 = forward KL, 1 = reverse KL.")
-            if self.name == "lsm" and self.beta != 1.0:
-                raise ConfigError(
-                    "objective.beta",
-                    self.beta,
-                    "LSM is the truncated reverse KL (β = 1, OBJECTIVES §4).",
-                    "drop objective.beta, or use objective.name=gkd for another β on the teacher top-K.",
-                )
+        if self.beta is not None and not 0.0 <= self.beta <= 1.0:
+            raise ConfigError("objective.beta", self.beta, "must lie in [0, 1].", "0 = forward KL, 1 = reverse KL.")
         check_choice("objective.aopd_variant", self.aopd_variant, ("default", "zero", "accuracy_filtered"))
         check_positive("objective.aopd_zero_tolerance", self.aopd_zero_tolerance, allow_zero=True)
         check_choice("objective.support", self.support, SUPPORTS)
-        if self.support != "teacher_topk" and self.name != "lsm":
-            raise ConfigError(
-                "objective.support",
-                self.support,
-                f"only lsm chooses its support; {self.name} uses the teacher top-K.",
-                "set objective.support=teacher_topk, or objective.name=lsm.",
-            )
-        if self.name == "lsm" and not self.renormalize:
-            raise ConfigError(
-                "objective.renormalize",
-                self.renormalize,
-                "LSM requires renormalization on the support (OBJECTIVES §4: training collapses without it).",
-                "set objective.renormalize=true; for the unrenormalized ablation use objective.name=gkd beta=1.",
-            )
         if self.tail_bucket and self.renormalize:
             raise ConfigError(
                 "objective.tail_bucket",
@@ -120,32 +88,6 @@ class ObjectiveConfig:
         if self.masked_token_ids is not None and any(int(i) < 0 for i in self.masked_token_ids):
             raise ConfigError(
                 "objective.masked_token_ids", self.masked_token_ids, "token ids must be >= 0.", "list vocabulary ids."
-            )
-
-    def _validate_lambda(self, has_teacher_base: bool) -> None:
-        if self.lambda_ is not None and self.name not in LAMBDA_OBJECTIVES:
-            raise ConfigError(
-                "objective.lambda",
-                self.lambda_,
-                f"λ is the G-OPD reward scale; objective {self.name!r} does not use it.",
-                "drop objective.lambda, or use objective.name=gopd|exopd.",
-            )
-        if self.lam <= 0:
-            raise ConfigError("objective.lambda", self.lam, "must be > 0.", "λ=1 is OPD, λ>1 ExOPD (paper: 1.25).")
-        if self.name == "opd" and self.lam != 1.0:
-            raise ConfigError(
-                "objective.lambda",
-                self.lam,
-                "sampled-token OPD is λ = 1.",
-                "use objective.name=gopd (any λ > 0) or exopd (λ > 1, default 1.25).",
-            )
-        check_choice("objective.reference", self.reference, ("student_base", "teacher_base"))
-        if self.reference == "teacher_base" and not has_teacher_base:
-            raise ConfigError(
-                "objective.reference",
-                self.reference,
-                "reward correction needs the teacher's pre-RL base model.",
-                "set teachers[i].base_path for every teacher, or use reference=student_base.",
             )
 
     def _validate_rollout(self) -> None:

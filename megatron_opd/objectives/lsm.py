@@ -1,4 +1,4 @@
-"""LSM, teacher top-K local support matching (OBJECTIVES.md §4; local-support-matching paper §4).
+"""LSM, teacher top-K local support matching (docs/objectives.md §4; local-support-matching paper §4).
 
 ``L_t = Σ_{v∈K_t} p̂_S(v)(log p̂_S(v) − log p̂_T(v))``, the reverse KL with both distributions
 renormalized on ``K_t``, its gradient taken analytically through ``p̂_S``. ``support``:
@@ -14,16 +14,37 @@ from typing import Any
 
 from torch import Tensor
 
+from megatron_opd.config.errors import ConfigError
 from megatron_opd.kernels import support_divergence
-from megatron_opd.objectives.base import Objective, StudentScores, TokenBatch
+from megatron_opd.objectives.base import Objective, StudentScores
+from megatron_opd.objectives.config import ObjectiveConfig
+from megatron_opd.objectives.inputs import TokenBatch
 from megatron_opd.objectives.metrics import Metrics
 
 
 class LSMObjective(Objective):
-    """``lsm``: ``top_k``, ``support``."""
+    """``lsm``: ``top_k``, ``support``; always β = 1 and renormalized."""
 
-    def support_kind(self) -> str:
-        return self.cfg.support
+    name = "lsm"
+    chooses_support = True
+    default_beta = 1.0
+
+    @classmethod
+    def validate_config(cls, cfg: ObjectiveConfig) -> None:
+        if cfg.beta is not None and cfg.beta != 1.0:
+            raise ConfigError(
+                "objective.beta",
+                cfg.beta,
+                "LSM is the truncated reverse KL (β = 1, docs/objectives.md §4).",
+                "drop objective.beta, or use objective.name=gkd for another β on the teacher top-K.",
+            )
+        if not cfg.renormalize:
+            raise ConfigError(
+                "objective.renormalize",
+                cfg.renormalize,
+                "LSM requires renormalization on the support (docs/objectives.md §4: training collapses without it).",
+                "set objective.renormalize=true; for the unrenormalized ablation use objective.name=gkd beta=1.",
+            )
 
     def token_losses(self, batch: TokenBatch, scores: StudentScores, metrics: Metrics) -> Tensor:
         return support_divergence(

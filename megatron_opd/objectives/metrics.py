@@ -1,5 +1,5 @@
 """Objective metrics as (sum, count) pairs, so the trainer can add them over micro-batches and
-all-reduce them over data-parallel ranks before dividing (the metrics list of issue 5)."""
+all-reduce them over data-parallel ranks before dividing (the list: docs/objectives.md, Metrics)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The objectives of OBJECTIVES.md written plainly on full-vocabulary logits, one process.
+"""The objectives of docs/objectives.md written plainly on full-vocabulary logits, one process.
 
 For tests and for reading: every function takes ``*_logits`` [N, V] (already divided by the scoring
 temperature), ``labels`` [N] int64 (the sampled tokens ``y_t``) and returns per-token values [N].
@@ -35,7 +35,7 @@ def gopd_advantage(student_logp: Tensor, teacher_logp: Tensor, ref_logp: Tensor 
     advantage = teacher_logp - student_logp
     if lam != 1.0:
         if ref_logp is None:
-            raise ValueError(f"λ = {lam} needs the reference log-probs ℓ_R (OBJECTIVES §2)")
+            raise ValueError(f"λ = {lam} needs the reference log-probs ℓ_R (docs/objectives.md §2)")
         advantage = advantage + (lam - 1.0) * (teacher_logp - ref_logp)
     return advantage.detach()
 

@@ -1,4 +1,4 @@
-"""Token-level rollout correction (OBJECTIVES.md §6; Liu et al. 2025, "When speed kills stability").
+"""Token-level rollout correction (docs/objectives.md §6; Liu et al. 2025, "When speed kills stability").
 
 The rollout engine's log-probs ``ℓ_roll`` differ from the trainer's ``ℓ_old`` on the same weights.
 ``rollout_is: token`` multiplies each policy-gradient token loss by ``w_t = sg(min(exp(ℓ_old − ℓ_roll), C))``

@@ -12,9 +12,13 @@ import datetime
 import os
 import re
 import socket
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from megatron.core.process_groups_config import ProcessGroupCollection
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +138,30 @@ def init_model_parallel(sizes: ParallelSizes, *, seed: int = 1234, timeout_s: fl
         distributed_timeout_minutes=max(1, int(timeout_s // 60)),
     )
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+# The process groups a model's rank works with, named as megatron's ``ProcessGroupCollection`` fields: ``tp`` (the
+# vocab-parallel kernels), ``pp`` (which stage reports), ``dp`` (the optimizer step's reductions), ``dp_cp`` (the
+# micro-batch alignment under expert parallelism), ``ep``.
+MODEL_GROUPS = ("tp", "pp", "dp", "dp_cp", "ep")
+
+
+def model_groups() -> ProcessGroupCollection:
+    """This rank's :data:`MODEL_GROUPS` (megatron's ``pg_collection``), taken once after
+    :func:`init_model_parallel` and passed explicitly from there on."""
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    return ProcessGroupCollection.use_mpu_process_groups(list(MODEL_GROUPS))
+
+
+def is_last_stage(groups: ProcessGroupCollection) -> bool:
+    """This rank is on the last pipeline stage (it holds the logits)."""
+    return dist.get_rank(groups.pp) == dist.get_world_size(groups.pp) - 1
+
+
+def is_output_rank(groups: ProcessGroupCollection) -> bool:
+    """TP rank 0 of the last pipeline stage: the rank that reports its DP rank's results."""
+    return is_last_stage(groups) and dist.get_rank(groups.tp) == 0
 
 
 def shutdown() -> None:

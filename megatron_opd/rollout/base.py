@@ -84,7 +84,7 @@ def row_seeds(sampling: SamplingParams, n: int, rng: np.random.Generator) -> lis
 @dataclasses.dataclass
 class Completion:
     """One sampled response. ``logprobs[i]`` is the engine's log-prob of ``token_ids[i]`` under the
-    sampling distribution's temperature (ℓ_roll in OBJECTIVES.md §6)."""
+    sampling distribution's temperature (ℓ_roll in docs/objectives.md §6)."""
 
     prompt_ids: list[int]
     token_ids: list[int]

@@ -18,22 +18,23 @@ MIN_RELEASED = 0.5  # share of the student's GPU memory that offloading must rel
 
 
 def _samples() -> list[Any]:
+    from megatron_opd.scoring.contract import TokenScores
     from megatron_opd.trainer.batch import Sample
 
     g = torch.Generator().manual_seed(7)
     out = []
     for uid in range(8):
         ids = torch.randint(1, 512, (40,), generator=g).tolist()
-        s = Sample(uid=uid, prompt_ids=ids[:8], response_ids=ids[8:], rollout_logprobs=[-1.0] * 32)
-        s.teacher_logp = -torch.rand(32, generator=g) - 0.5
+        s = Sample(uid=uid, prompt_ids=ids[:8], response_ids=ids[8:], rollout_logp=[-1.0] * 32)
+        s.scores.teacher = TokenScores(logp=-torch.rand(32, generator=g) - 0.5)
         out.append(s)
     return out
 
 
 def _state(worker: Any) -> dict[str, torch.Tensor]:
     """Parameters and optimizer tensors, copied to the host."""
-    out = {f"param/{n}": p.detach().cpu().clone() for n, p in worker._unwrapped().named_parameters()}
-    for i, opt in enumerate(worker.optimizer.chained_optimizers):
+    out = {f"param/{n}": p.detach().cpu().clone() for n, p in worker.student.module.named_parameters()}
+    for i, opt in enumerate(worker.student.optimizer.chained_optimizers):
         for j, state in enumerate(opt.optimizer.state.values()):
             out.update({f"opt{i}/{j}/{k}": v.detach().cpu().clone() for k, v in state.items() if torch.is_tensor(v)})
     return out
@@ -43,6 +44,7 @@ def round_trip(hf_dir: Callable[[], Path], dtype: str, device: torch.device) -> 
     def check() -> tuple[str, dict[str, Any]]:
         from megatron_opd.config.schema import ModelConfig, OptimConfig
         from megatron_opd.objectives.config import ObjectiveConfig
+        from megatron_opd.objectives.registry import build_objective
         from megatron_opd.platform.distributed import free_port
         from megatron_opd.trainer.worker import ModelWorker, WorkerSpec
 
@@ -57,7 +59,7 @@ def round_trip(hf_dir: Callable[[], Path], dtype: str, device: torch.device) -> 
             load_from=path,
             trainable=True,
             optim=OptimConfig(lr=1e-4),
-            objective=ObjectiveConfig(name="opd"),
+            objective=build_objective(ObjectiveConfig(name="opd")),
             total_steps=3,
             max_tokens_per_microbatch=256,
         )
@@ -76,7 +78,7 @@ def round_trip(hf_dir: Callable[[], Path], dtype: str, device: torch.device) -> 
         changed = [k for k in before if not torch.equal(before[k], after[k])]
         assert not changed, f"changed by offload + onload: {changed[:5]}"
         second = worker.train_step(samples)
-        assert all(torch.isfinite(torch.tensor(m["train/loss"])) for m in (first, second)), "non-finite loss"
+        assert all(torch.isfinite(torch.tensor(m.loss)) for m in (first, second)), "non-finite loss"
         released = 1 - during / max(held, 1)
         del worker
         torch.cuda.empty_cache()

@@ -1,8 +1,9 @@
 """Rollout samples and how they become model inputs.
 
-A :class:`Sample` is one prompt + sampled response with everything the step learns about it
-(rollout log-probs, teacher/reference scores, the loss mask). Worker groups receive lists of
-samples for their data-parallel rank and cut them into :class:`MicroBatch`es under a token budget,
+A :class:`Sample` is one prompt + sampled response with everything the step learns about it: the rollout
+log-probs, the outcome reward, the response mask, and what each model scored (its
+:class:`~megatron_opd.scoring.contract.SampleScores`). Worker groups receive lists of samples for their
+data-parallel rank and cut them into :class:`MicroBatch`es under a token budget (:class:`MicroBatching`),
 either
 - packed (default): all sequences back to back in one row ``[1, T]`` with per-sequence positions
   and ``PackedSeqParams`` (THD), so attention and RoPE restart at every sequence and no compute is
@@ -15,32 +16,34 @@ plus the flat positions whose logits predict response tokens.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
+
+from megatron_opd.scoring.contract import SampleScores
+
+if TYPE_CHECKING:
+    from megatron.core.process_groups_config import ProcessGroupCollection
 
 
 @dataclasses.dataclass
 class Sample:
+    """One prompt and its sampled response. The per-response-token fields the objective reads are named as in
+    its ``TokenBatch`` (``rollout_logp``, ``response_mask``, ``outcome_reward``)."""
+
     uid: int  # position in the global batch
     prompt_ids: list[int]
     response_ids: list[int]
-    rollout_logprobs: list[float]
+    rollout_logp: list[float]  # [R] ℓ_roll, the rollout engine's log-probs
     finish_reason: str = "stop"
     teacher: str = "default"
     data_source: str = ""
     ground_truth: Any = None
-    reward: float = 0.0  # outcome reward (rule-based), for metrics and accuracy-filtered AOPD
-    loss_mask: Tensor | None = None  # [R] float; None = all response tokens
-    # Per response token, filled in by scoring:
-    old_logp: Tensor | None = None  # [R] student under the rollout weights (ℓ_old)
-    student_topk_ids: Tensor | None = None  # [R, K] student top-K (LSM student_topk support)
-    teacher_logp: Tensor | None = None  # [R] ℓ_T
-    teacher_topk_ids: Tensor | None = None  # [R, K]
-    teacher_topk_logp: Tensor | None = None  # [R, K]
-    teacher_ids_logp: Tensor | None = None  # [R, K] teacher log-probs at student_topk_ids
-    ref_logp: Tensor | None = None  # [R] ℓ_R
+    outcome_reward: float = 0.0  # rule-based, for metrics and accuracy-filtered AOPD
+    response_mask: Tensor | None = None  # [R] float; None = all response tokens
+    scores: SampleScores = dataclasses.field(default_factory=SampleScores)  # per source, filled in by scoring
 
     @property
     def num_tokens(self) -> int:
@@ -49,11 +52,6 @@ class Sample:
     @property
     def response_len(self) -> int:
         return len(self.response_ids)
-
-    def mask(self) -> Tensor:
-        if self.loss_mask is None:
-            return torch.ones(self.response_len)
-        return self.loss_mask
 
 
 @dataclasses.dataclass
@@ -84,16 +82,10 @@ class MicroBatch:
             )
         return inputs
 
-    def per_token(self, field: str) -> Tensor | None:
-        """Concatenate a per-response-token field of the samples, in token order (None if absent)."""
-        parts = [getattr(s, field) for s in self.samples]
-        if not parts or any(p is None for p in parts):
-            return None
-        return torch.cat([torch.as_tensor(p) for p in parts], dim=0)
-
-    def split_per_sample(self, tokens: Tensor) -> list[Tensor]:
-        """Inverse of :meth:`per_token`: one [R_i, ...] slice per sample."""
-        return list(tokens.split([s.response_len for s in self.samples], dim=0))
+    @property
+    def response_lens(self) -> list[int]:
+        """Response tokens per sample, in the order of ``samples`` (their tokens are consecutive)."""
+        return [s.response_len for s in self.samples]
 
 
 def build_microbatch(
@@ -201,6 +193,43 @@ def split_by_token_budget(
                 continue
         groups.append([s])
     return groups
+
+
+@dataclasses.dataclass(frozen=True)
+class MicroBatching:
+    """How a model's rank cuts its samples into micro-batches: at most ``max_tokens`` per micro-batch (packed
+    or padded), rows and packed lengths multiples of ``multiple_of`` (the TP size under sequence parallelism)."""
+
+    max_tokens: int
+    packed: bool = True
+    pad_id: int = 0
+    multiple_of: int = 1
+
+    def build(self, samples: list[Sample], shape: tuple[int, int] | None = None) -> MicroBatch:
+        """One micro-batch of ``samples``, at ``shape`` = (rows, length) when given."""
+        if self.packed:
+            return build_packed_microbatch(samples, self.pad_id, self.multiple_of, None if shape is None else shape[1])
+        return build_microbatch(samples, self.pad_id, self.multiple_of, shape)
+
+    def split(
+        self, samples: list[Sample], groups: ProcessGroupCollection, at_least_one: bool = False
+    ) -> list[MicroBatch]:
+        """This DP rank's micro-batches. Under expert parallelism every DP rank runs the same number of
+        micro-batches of the same shapes (MoE layers exchange tokens across them in each forward), padded with
+        rows that hold no response tokens. ``at_least_one``: a rank without samples still runs one padding
+        micro-batch (training: every DP rank must join the gradient reduction)."""
+        parts = split_by_token_budget(samples, self.max_tokens, self.multiple_of, self.packed)
+        if not parts and at_least_one:
+            parts = [[]]
+        mbs = [self.build(part) for part in parts]
+        dp_size = dist.get_world_size(groups.dp)
+        if dist.get_world_size(groups.ep) == 1 or dp_size == 1:
+            return mbs
+        mine = [tuple(mb.input_ids.shape) for mb in mbs]
+        everyone: list[list[tuple[int, int]]] = [[] for _ in range(dp_size)]
+        dist.all_gather_object(everyone, mine, group=groups.dp_cp)
+        shapes = common_shapes(everyone)
+        return [self.build(parts[i] if i < len(parts) else [], shape) for i, shape in enumerate(shapes)]
 
 
 def split_for_data_parallel(samples: list[Sample], dp_size: int) -> list[list[Sample]]:

@@ -1,12 +1,13 @@
-"""Training checkpoints: atomic, resumable, Megatron-LM layout.
+"""Training checkpoints, the driver's side: atomic, resumable, Megatron-LM layout.
 
 ``RUN_DIR/checkpoints/`` holds ``iter_0000010/`` directories, ``latest_checkpointed_iteration.txt``
-and ``hf/`` (the student's config and tokenizer), like a checkpoint of ``opd convert hf-to-mcore``. A checkpoint is written into ``iter_0000010.tmp-<pid>/``
-(model + optimizer as a ``torch_dist`` checkpoint via ``megatron.core.dist_checkpointing`` from
-every student rank, per-rank RNG states, then ``trainer_state.json`` — step, LR schedule, data
-position — from the driver), marked complete (``COMPLETE``), and only then renamed into place and
-named in the tracker file. A directory without the marker (a run killed mid-save) is ignored with
-a warning and removed at the next save; the last ``keep_last`` complete checkpoints are kept.
+and ``hf/`` (the student's config and tokenizer), like a checkpoint of ``opd convert hf-to-mcore``. A
+checkpoint is written into ``iter_0000010.tmp-<pid>/`` (model + optimizer as a ``torch_dist`` checkpoint,
+per-rank RNG states and the LR schedule from every student rank: ``trainer.student_checkpoint``; then
+``trainer_state.json`` — step, data position — from the driver), marked complete (``COMPLETE``), and only
+then renamed into place and named in the tracker file. A directory without the marker (a run killed
+mid-save) is ignored with a warning and removed at the next save; the last ``keep_last`` complete
+checkpoints are kept.
 """
 
 from __future__ import annotations
@@ -17,14 +18,10 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import torch
-
-from megatron_opd.convert.mcore_io import CHECKPOINT_VERSION, HF_SUBDIR, TRACKER_FILE, iter_dir_name
-
-if TYPE_CHECKING:
-    from megatron_opd.trainer.worker import ModelWorker
+from megatron_opd.config.errors import ConfigError
+from megatron_opd.convert.mcore_io import HF_SUBDIR, TRACKER_FILE, iter_dir_name
 
 log = logging.getLogger(__name__)
 
@@ -161,8 +158,6 @@ ARCHITECTURE_KEYS = (
 def check_same_model(ckpt: Path, hf_dir: str, resume: str) -> None:
     """Refuse, before any worker starts, a checkpoint whose ``hf/config.json`` (written beside every
     training checkpoint) describes another architecture than the student's."""
-    from megatron_opd.config.errors import ConfigError
-
     saved = ckpt.parent / HF_SUBDIR / "config.json"
     if not saved.is_file():
         return
@@ -192,129 +187,3 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-# ---- worker side: model + optimizer through dist_checkpointing ----
-
-
-# Optimizer state in model space (one tensor per parameter): loadable at any TP/PP/EP/DP layout.
-# Memory-efficient: only DP rank 0 of each model-parallel group gathers (over Gloo, in host memory) the
-# fp32 parameters and Adam moments of its part of the model; without it every DP rank would allocate
-# them, 12 bytes per parameter of its TP/PP/EP part (about 48 GB for an 8B model at TP=2), at every save.
-OPTIMIZER_SHARDING = {
-    "distrib_optim_sharding_type": "fully_reshardable",
-    "distrib_optim_fully_reshardable_mem_efficient": True,
-}
-
-
-def _sharded_state(worker: ModelWorker, is_loading: bool) -> dict[str, Any]:
-    from megatron_opd.convert.mcore_io import model_sharded_state_dict
-
-    model_sd = model_sharded_state_dict(worker._unwrapped())
-    optimizer_sd = worker.optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=OPTIMIZER_SHARDING)
-    return {"model": model_sd, "optimizer": optimizer_sd}
-
-
-def _common_state(worker: ModelWorker, iteration: int) -> dict[str, Any]:
-    """What Megatron-LM's loader reads besides the model (its checkpoint version, iteration, args)."""
-    from megatron_opd.convert.mcore_io import megatron_args
-
-    return {
-        "checkpoint_version": CHECKPOINT_VERSION,
-        "iteration": iteration,
-        "args": megatron_args(worker._unwrapped(), worker.hf_config),
-    }
-
-
-def _rng_state() -> dict[str, Any]:
-    from megatron.core.tensor_parallel import get_cuda_rng_tracker
-
-    return {
-        "cpu": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-        "tracker": get_cuda_rng_tracker().get_states(),
-    }
-
-
-def save_training_state(worker: ModelWorker, path: str, iteration: int) -> None:
-    """Every student rank: its shards of model + optimizer, its RNG, and (rank 0) the LR schedule."""
-    from megatron.core import dist_checkpointing
-
-    _fill_empty_adam_state(worker.optimizer)  # no update yet (every step so far skipped): a fresh Adam's state
-    dist_checkpointing.save({**_sharded_state(worker, is_loading=False), **_common_state(worker, iteration)}, path)
-    rng_dir = Path(path) / "rng"
-    rng_dir.mkdir(exist_ok=True)
-    torch.save(_rng_state(), rng_dir / f"rank_{worker.rank:05d}.pt")
-    if worker.rank == 0:
-        torch.save({"scheduler": worker.scheduler.state_dict()}, Path(path) / "scheduler.pt")
-    torch.distributed.barrier()
-
-
-def _prepare_optimizer_for_load(optimizer: Any) -> None:
-    """Work around megatron-core 0.16's distributed optimizer on torch's Adam (no Apex/TE):
-
-    - building the state dict to load into reads ``step`` from every parameter's existing state,
-      which a fresh optimizer does not have: give each parameter an all-zero Adam state first;
-    - the parameter-state loaders copy every key of a parameter's state from the checkpoint, whose
-      per-parameter entries have no ``step`` (it is restored from the param groups): keep ``step``
-      aside while a parameter's tensors are copied.
-    """
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        if hasattr(opt, "_set_main_param_and_optimizer_states") and not getattr(opt, "_opd_step_aside", False):
-            original = opt._set_main_param_and_optimizer_states
-
-            def set_states(model_param: Any, tensors: dict, opt: Any = opt, original: Any = original) -> None:
-                group_index, group_order = opt.model_param_group_index_map[model_param]
-                state = opt.optimizer.state[opt.optimizer.param_groups[group_index]["params"][group_order]]
-                step = state.pop("step", None) if "step" not in tensors else None
-                try:
-                    original(model_param, tensors)
-                finally:
-                    if step is not None:
-                        state["step"] = step
-
-            opt._set_main_param_and_optimizer_states = set_states
-            opt._opd_step_aside = True
-    _fill_empty_adam_state(optimizer)
-
-
-def _fill_empty_adam_state(optimizer: Any) -> None:
-    """Give every parameter without Adam state the state its optimizer starts from: zero moments, and
-    for torch's Adam a zero ``step`` of its own. Transformer Engine's (and Apex's) ``FusedAdam`` keep
-    the step in the param group; TE's ``state_dict()`` maps every per-parameter key through its
-    ``name_to_dtype_map`` (``exp_avg``, ``exp_avg_sq``, ``master_param``), so a ``step`` there fails."""
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = opt.optimizer
-        step_per_param = isinstance(inner, (torch.optim.Adam, torch.optim.AdamW))
-        for group in inner.param_groups:
-            for p in group["params"]:
-                if p not in inner.state or not inner.state[p]:
-                    state = {
-                        "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-                        "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
-                    }
-                    if step_per_param:
-                        state["step"] = torch.zeros((), dtype=torch.float32)
-                    inner.state[p] = state
-
-
-def load_training_state(worker: ModelWorker, path: str) -> None:
-    """Restore what :func:`save_training_state` wrote; the checkpoint may have been written at
-    another TP/PP/EP layout (dist_checkpointing reshards) and with the other spec (local or TE)."""
-    from megatron.core.tensor_parallel import get_cuda_rng_tracker
-
-    from megatron_opd.convert.mcore_io import load_sharded, load_state_into
-
-    _prepare_optimizer_for_load(worker.optimizer)
-    # A checkpoint of the other spec: Transformer Engine's `_extra_state` (of the norms) may be absent
-    state = load_sharded(_sharded_state(worker, is_loading=True), path)
-    load_state_into(worker._unwrapped(), state["model"], path)
-    worker.optimizer.load_state_dict(state["optimizer"])
-    worker.scheduler.load_state_dict(torch.load(Path(path) / "scheduler.pt", weights_only=False)["scheduler"])
-    rng_file = Path(path) / "rng" / f"rank_{worker.rank:05d}.pt"
-    if rng_file.is_file():  # same world size: restore this rank's generators exactly
-        rng = torch.load(rng_file, weights_only=False)
-        torch.set_rng_state(rng["cpu"])
-        if rng["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rng["cuda"])
-        get_cuda_rng_tracker().set_states(rng["tracker"])

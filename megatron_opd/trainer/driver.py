@@ -5,8 +5,9 @@
     weight sync (engine) -> metrics, checkpoint, eval
 
 Everything heavy runs in worker groups (Ray actors, one torch.distributed world per model); the
-driver holds the data loader, the rollout engine client and the bookkeeping. ``run_training`` is
-the whole job; each phase is one function below it.
+driver holds the data loader, the rollout engine client, the objective (built once: it says what
+scoring computes, its ``ScoringPlan``, and travels to the student's ranks) and the bookkeeping.
+``run_training`` is the whole job; each phase is one function below it.
 """
 
 from __future__ import annotations
@@ -29,9 +30,11 @@ import torch
 
 from megatron_opd.config.loader import to_yaml
 from megatron_opd.config.schema import ModelConfig, OPDConfig, model_hf_dir
+from megatron_opd.objectives.base import Objective
 from megatron_opd.rollout.base import RolloutEngine, SamplingParams
 from megatron_opd.rollout.offload import OffloadedEngine
-from megatron_opd.trainer.batch import Sample, split_for_data_parallel
+from megatron_opd.scoring.contract import ScoringPlan
+from megatron_opd.trainer.batch import Sample
 from megatron_opd.trainer.checkpoint import CheckpointManager, resolve_resume
 from megatron_opd.trainer.faults import fault_point
 from megatron_opd.trainer.metrics import MetricsLogger, summary_line
@@ -39,6 +42,8 @@ from megatron_opd.trainer.worker import WorkerSpec, resolve_dtype
 from megatron_opd.trainer.worker_group import (
     Placement,
     Residency,
+    ScoringGroup,
+    StudentGroup,
     WorkerGroup,
     WorkerGroupError,
     ensure_ray,
@@ -54,14 +59,14 @@ class NonFiniteScores(RuntimeError):
 
 @dataclasses.dataclass
 class Groups:
-    student: WorkerGroup
-    teachers: dict[str, WorkerGroup]
-    references: dict[str, WorkerGroup]  # by teacher name, or "student_base" shared by all
+    student: StudentGroup
+    teachers: dict[str, ScoringGroup]
+    references: dict[str, ScoringGroup]  # by teacher name, or "student_base" shared by all
 
     def all(self) -> list[WorkerGroup]:
         return [self.student, *self.teachers.values(), *self.references.values()]
 
-    def reference_for(self, teacher: str) -> WorkerGroup:
+    def reference_for(self, teacher: str) -> ScoringGroup:
         return self.references.get(teacher) or self.references["student_base"]
 
 
@@ -118,12 +123,7 @@ def run_training(cfg: OPDConfig) -> dict[str, Any]:
         teacher_names=teacher_names,
         tokenizer=tokenizer,
     )
-    needs = objective.requirements
-    # Workers have no tokenizer: hand them the resolved special-token set (OBJECTIVES §4).
-    worker_objective = dataclasses.replace(
-        cfg.objective,
-        masked_token_ids=objective.masked_token_ids.tolist() if cfg.objective.special_token_mask else None,
-    )
+    plan = objective.requirements.scoring_plan(cfg.trainer.metrics_top_k)
     ckpts = CheckpointManager(
         run_dir / "checkpoints",
         cfg.trainer.keep_last,
@@ -133,9 +133,9 @@ def run_training(cfg: OPDConfig) -> dict[str, Any]:
     resume_from = resolve_resume(cfg.resume, ckpts)
 
     ensure_ray()
-    groups = build_groups(cfg, tokenizer, worker_objective, needs)
+    groups = build_groups(cfg, tokenizer, objective)
     engine = build_engine(cfg.rollout, model_hf_dir(cfg.student.path), tokenizer=tokenizer)
-    # SFT / SeqKD (OBJECTIVES §7) learns from the teachers' responses: they write them, the student's engine
+    # SFT / SeqKD (docs/objectives.md §7) learns from the teachers' responses: they write them, the student's engine
     # only evaluates.
     writers = None
     if not objective.on_policy:
@@ -147,7 +147,7 @@ def run_training(cfg: OPDConfig) -> dict[str, Any]:
     try:
         if resume_from is not None:
             log.info("resuming from %s", resume_from)
-            groups.student.call("load_checkpoint", str(resume_from))
+            groups.student.load_checkpoint(str(resume_from))
             state = CheckpointManager.read_state(resume_from)
             loader.load_state_dict(state["data"])
             metrics_log.truncate_after(state["step"])  # steps logged after that checkpoint are redone
@@ -161,7 +161,7 @@ def run_training(cfg: OPDConfig) -> dict[str, Any]:
         for step in range(state["step"] + 1, total + 1):
             if stop:  # signalled during start-up or while saving: nothing of this step ran yet
                 break
-            metrics = train_one_step(cfg, step, loader, engine, groups, needs, tokenizer, writers)
+            metrics = train_one_step(cfg, step, loader, engine, groups, plan, tokenizer, writers)
             if metrics.pop("skipped_nonfinite", False):
                 state["bad_steps"] += 1
                 if state["bad_steps"] > cfg.trainer.max_bad_steps:
@@ -210,8 +210,9 @@ def run_training(cfg: OPDConfig) -> dict[str, Any]:
 # ---------------------------------------------------------------- setup
 
 
-def build_groups(cfg: OPDConfig, tokenizer: Any, objective_cfg: Any, needs: Any) -> Groups:
-    """Student, teachers and the references the objective needs, each its own worker group."""
+def build_groups(cfg: OPDConfig, tokenizer: Any, objective: Objective) -> Groups:
+    """Student (training ``objective``), teachers and the references the objective needs, each its own
+    worker group."""
     common = dict(
         seed=cfg.seed,
         timeout_s=cfg.trainer.group_timeout_s,
@@ -227,28 +228,29 @@ def build_groups(cfg: OPDConfig, tokenizer: Any, objective_cfg: Any, needs: Any)
             load_from=cfg.student.path,
             trainable=True,
             optim=cfg.optim,
-            objective=objective_cfg,
+            objective=objective,
             total_steps=cfg.trainer.steps,
             mini_batches_per_step=cfg.trainer.mini_batches_per_step,
-            teacher_names=tuple(t.name for t in cfg.teachers),
             **common,
         )
     ]
     for t in cfg.teachers:
         specs.append(WorkerSpec(group=f"teacher/{t.name}", model=t, load_from=t.path, **common))
-    if needs.reference == "student_base":
+    reference = objective.requirements.reference
+    if reference == "student_base":
         ref = dataclasses.replace(cfg.student, parallel=dataclasses.replace(cfg.student.parallel))
         specs.append(WorkerSpec(group="reference/student_base", model=ref, load_from=cfg.student.path, **common))
-    elif needs.reference == "teacher_base":
+    elif reference == "teacher_base":
         for t in cfg.teachers:
             base = ModelConfig(t.base_path or "", t.base_parallel or t.parallel, t.dtype, t.spec)
             specs.append(WorkerSpec(group=f"reference/{t.name}", model=base, load_from=base.path, **common))
     placements = place(cfg, specs)
     residency = Residency() if cfg.trainer.colocate else None
-    made = [WorkerGroup(s, p, cfg.trainer.group_timeout_s, residency) for s, p in zip(specs, placements)]
-    by_name = {g.name: g for g in made}
+    timeout = cfg.trainer.group_timeout_s
+    student = StudentGroup(specs[0], placements[0], timeout, residency)
+    by_name = {s.group: ScoringGroup(s, p, timeout, residency) for s, p in zip(specs[1:], placements[1:])}
     return Groups(
-        student=by_name["student"],
+        student=student,
         teachers={t.name: by_name[f"teacher/{t.name}"] for t in cfg.teachers},
         references={name.split("/", 1)[1]: g for name, g in by_name.items() if name.startswith("reference/")},
     )
@@ -280,7 +282,7 @@ def train_one_step(
     loader: Any,
     engine: RolloutEngine,
     groups: Groups,
-    needs: Any,
+    plan: ScoringPlan,
     tokenizer: Any,
     writers: dict[str, RolloutEngine] | None = None,
 ) -> dict[str, Any]:
@@ -292,7 +294,7 @@ def train_one_step(
             engine.release_memory()  # until the weight sync (weights) and the next rollout (KV cache)
     fault_point("rollout", step, groups.all())
     with timer("score"):
-        score(samples, groups, needs, cfg.trainer.metrics_top_k)
+        score(samples, groups, plan)
     fault_point("score", step, groups.all())
     metrics = {**rollout_metrics(samples), **engine.server_stats()}
     if not scores_finite(samples):
@@ -300,17 +302,16 @@ def train_one_step(
         metrics.update(timer.metrics(), skipped_nonfinite=True)
         return metrics
     with timer("train"):
-        parts = split_for_data_parallel(samples, groups.student.dp_size)
-        train_metrics = groups.student.call_per_dp("train_step", parts)[0]
+        train = groups.student.train_step(samples)
     fault_point("train", step, groups.all())
     with timer("sync"):
         sync_weights(cfg, groups.student, engine)
-    metrics.update(train_metrics)
+    metrics.update(train.as_dict())
     metrics.update(timer.metrics())
     tokens = sum(s.num_tokens for s in samples)
     metrics["perf/tokens_per_s"] = tokens / max(timer.total, 1e-9)
     metrics["perf/tokens"] = float(tokens)
-    if not math.isfinite(train_metrics.get("train/loss", 0.0)) or train_metrics.get("train/skipped_updates", 0):
+    if not math.isfinite(train.loss) or train.skipped_updates:
         log.warning(
             "step %d: update skipped (a non-finite loss or gradient norm, or every response token masked)", step
         )
@@ -361,69 +362,50 @@ def rollout(
                 uid=uid,
                 prompt_ids=list(p.prompt_ids),
                 response_ids=list(c.token_ids),
-                rollout_logprobs=list(c.logprobs),
+                rollout_logp=list(c.logprobs),
                 finish_reason=c.finish_reason,
                 teacher=teacher,
                 data_source=p.data_source,
                 ground_truth=p.ground_truth,
-                reward=float(compute_score(p.data_source, text, p.ground_truth, p.extra_info)),
+                outcome_reward=float(compute_score(p.data_source, text, p.ground_truth, p.extra_info)),
             )
         )
     return samples
 
 
-def _score_group(group: WorkerGroup, samples: list[Sample], **kwargs: Any) -> dict[int, dict[str, torch.Tensor]]:
-    if not samples:
-        return {}
-    merged: dict[int, dict[str, torch.Tensor]] = {}
-    for part in group.call_per_dp("score", split_for_data_parallel(samples, group.dp_size), **kwargs):
-        merged.update(part or {})
-    return merged
-
-
-def score(samples: list[Sample], groups: Groups, needs: Any, metrics_top_k: int = 0) -> None:
-    """Fill the per-token scores the objective asks for (nothing more):
-    ℓ_old and the student top-K (student group), ℓ_T and the teacher top-K or the teacher's
-    log-probs at the student top-K (each sample's own teacher), ℓ_R (its reference).
-    The teacher's own top-K comes too: the support, or (student top-K support; objectives without a
-    support, at ``metrics_top_k``, a few numbers per token) for the top-K overlap metric."""
-    student_topk = needs.support == "student_topk"
-    if needs.old_logp or student_topk:
-        got = _score_group(groups.student, samples, top_k=needs.top_k if student_topk else 0)
+def score(samples: list[Sample], groups: Groups, plan: ScoringPlan) -> None:
+    """Run the scoring ``plan`` (what the objective needs, nothing more): the student under the rollout weights
+    (ℓ_old, its top-K), each sample's own teacher (ℓ_T, its top-K, its log-probs at the student's top-K), each
+    sample's reference (ℓ_R). Every sample keeps what each source returned in ``sample.scores``."""
+    if plan.student is not None:
+        got = groups.student.score(samples, plan.student)
         for s in samples:
-            s.old_logp = got[s.uid]["logp"]
-            if student_topk:
-                s.student_topk_ids = got[s.uid]["topk_ids"]
+            s.scores.student = got[s.uid]
     by_teacher: dict[str, list[Sample]] = defaultdict(list)
     for s in samples:
         by_teacher[s.teacher].append(s)
     for name, subset in by_teacher.items():
         if name not in groups.teachers:
             raise KeyError(f"sample routed to unknown teacher {name!r}; configured: {sorted(groups.teachers)}")
-        got = _score_group(
-            groups.teachers[name],
-            subset,
-            top_k=needs.top_k if needs.support else metrics_top_k,
-            ids_field="student_topk_ids" if student_topk else None,
-        )
+        ids = {s.uid: s.scores.student.topk_ids for s in subset} if plan.teacher.at_ids else None
+        got = groups.teachers[name].score(subset, plan.teacher, ids)
         for s in subset:
-            g = got[s.uid]
-            s.teacher_logp = g["logp"]
-            s.teacher_topk_ids, s.teacher_topk_logp = g.get("topk_ids"), g.get("topk_logp")
-            s.teacher_ids_logp = g.get("ids_logp")
-        if needs.reference is not None:
-            ref = groups.reference_for(name)
-            got_ref = _score_group(ref, subset)
+            s.scores.teacher = got[s.uid]
+        if plan.reference is not None:
+            got = groups.reference_for(name).score(subset, plan.reference)
             for s in subset:
-                s.ref_logp = got_ref[s.uid]["logp"]
+                s.scores.reference = got[s.uid]
 
 
 def scores_finite(samples: list[Sample]) -> bool:
+    """No score is NaN or +inf, and no teacher gives a sampled token probability 0 (``-inf`` is a legitimate
+    entry of a top-K list)."""
     for s in samples:
-        for t in (s.teacher_logp, s.teacher_topk_logp, s.ref_logp, s.old_logp, s.teacher_ids_logp):
-            if t is not None and t.numel() and not torch.isfinite(t[~torch.isneginf(t)]).all():  # NaN too
+        sources = (s.scores.teacher, s.scores.reference, s.scores.student)
+        for t in (t for src in sources if src is not None for t in src.tensors()):
+            if t.numel() and not torch.isfinite(t[~torch.isneginf(t)]).all():  # NaN too
                 return False
-        if s.teacher_logp is not None and torch.isneginf(s.teacher_logp).any():
+        if s.scores.teacher is not None and torch.isneginf(s.scores.teacher.logp).any():
             return False
     return True
 
@@ -435,7 +417,7 @@ def rollout_metrics(samples: list[Sample]) -> dict[str, float]:
     metrics = {
         "rollout/response_len": sum(s.response_len for s in samples) / n,
         "rollout/truncated_frac": sum(s.finish_reason == "length" for s in samples) / n,
-        "rollout/reward": sum(s.reward for s in samples) / n,
+        "rollout/reward": sum(s.outcome_reward for s in samples) / n,
         "rollout/num_samples": float(len(samples)),
     }
     routed = Counter(s.teacher for s in samples)
@@ -451,25 +433,25 @@ class StudentWeightSender:
     weight-update group's TCP store on its node and broadcasts; every rank takes part in gathering
     the tensors. Equal for the same group (the engine keeps the weight-update group across syncs)."""
 
-    student: WorkerGroup
+    student: StudentGroup
 
     def rendezvous(self, master_address: str | None, master_port: int) -> tuple[str, int]:
-        return self.student.call_now("weight_sync_rendezvous", master_address, master_port)[0]
+        return self.student.weight_sync_rendezvous(master_address, master_port)
 
     def join(self, address: str, port: int, world_size: int, group_name: str, backend: str, timeout_s: float) -> None:
-        self.student.call_now("join_weight_sync", address, port, world_size, group_name, backend, timeout_s)
+        self.student.join_weight_sync(address, port, world_size, group_name, backend, timeout_s)
 
     def tensor_specs(self) -> list[Any]:
-        return self.student.call_now("weight_specs")[0]
+        return self.student.weight_specs()
 
     def send(self, group_name: str, bucket_bytes: int) -> int:
-        return self.student.call("broadcast_weights", group_name, bucket_bytes)[0]
+        return self.student.broadcast_weights(group_name, bucket_bytes)
 
     def leave(self, group_name: str) -> None:
-        self.student.call_now("leave_weight_sync", group_name)
+        self.student.leave_weight_sync(group_name)
 
 
-def sync_weights(cfg: OPDConfig, student: WorkerGroup, engine: RolloutEngine) -> None:
+def sync_weights(cfg: OPDConfig, student: StudentGroup, engine: RolloutEngine) -> None:
     """Student weights (HF naming, gathered from all TP/PP/EP shards) into the rollout engine.
 
     SGLang's distributed sync: student rank 0 broadcasts them to the servers over a process group it
@@ -483,10 +465,10 @@ def sync_weights(cfg: OPDConfig, student: WorkerGroup, engine: RolloutEngine) ->
     shared = cfg.rollout.sglang.weight_sync_dir is not None or student.ranks[0].hostname == socket.gethostname()
     out = engine.weights_dir() if shared else None
     if out is None:
-        engine.update_weights(student.call("export_hf_tensors")[0])
+        engine.update_weights(student.export_hf_tensors())
         return
     try:
-        student.call("save_hf_weights", out, model_hf_dir(cfg.student.path))
+        student.save_hf_weights(out, model_hf_dir(cfg.student.path))
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)
         raise
@@ -494,11 +476,11 @@ def sync_weights(cfg: OPDConfig, student: WorkerGroup, engine: RolloutEngine) ->
     engine.update_weights_from_dir(out)
 
 
-def save_checkpoint(ckpts: CheckpointManager, student: WorkerGroup, step: int, loader: Any, state: dict) -> None:
+def save_checkpoint(ckpts: CheckpointManager, student: StudentGroup, step: int, loader: Any, state: dict) -> None:
     tmp = None
     try:
         tmp = ckpts.begin(step)
-        student.call("save_checkpoint", str(tmp), step)
+        student.save_checkpoint(str(tmp), step)
         fault_point("checkpoint", step, [student])
         final = ckpts.commit(tmp, step, {**state, "step": step, "data": loader.state_dict()})
     except (OSError, WorkerGroupError) as e:  # e.g. disk full

@@ -38,6 +38,6 @@ def fault_point(phase: str, step: int, groups: Iterable[WorkerGroup] = ()) -> No
         os.kill(os.getpid(), signal.SIGKILL)
     name, rank, sig = [*target.split(":"), "SIGKILL"][:3]
     group = next(g for g in groups if g.name == name)
-    pid = group.call("ping")[int(rank)]["pid"]
+    pid = group.ping()[int(rank)]["pid"]
     log.warning("fault injection (%s=%s): %s to group %r rank %s (pid %d)", ENV, spec, sig, name, rank, pid)
     os.kill(pid, signal.Signals[sig])

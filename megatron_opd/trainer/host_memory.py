@@ -24,6 +24,7 @@ import dataclasses
 from typing import Any
 
 from megatron_opd.config.schema import ModelConfig, OPDConfig, ParallelConfig
+from megatron_opd.objectives.registry import objective_class
 
 OPTIMIZER_STATE_BYTES = 12  # fp32 parameter, Adam exp_avg and exp_avg_sq
 DTYPE_BYTES = {"auto": 2, "bf16": 2, "fp32": 4}  # auto: bf16 on GPUs
@@ -63,7 +64,7 @@ def _groups(cfg: OPDConfig, hf: dict[str, Any]) -> list[_Group]:
     """The worker groups of the run in the trainer's order (student, teachers, references)."""
     models = [(cfg.student, hf["student"])]
     models += [(t, hf[f"teachers[{t.name}]"]) for t in cfg.teachers]
-    if cfg.objective.needs_reference():
+    if objective_class(cfg.objective.name).needs_reference(cfg.objective):
         if cfg.objective.reference == "student_base":
             models.append((cfg.student, hf["student"]))
         else:

@@ -1,37 +1,80 @@
-"""The student's optimizer step on one DP rank's rollouts, top to bottom.
+"""The student's optimizer step on one DP rank's scored rollouts, top to bottom (:func:`train_step`, on the
+student's state: ``trainer.student.StudentState``).
 
 1. Split the rollouts into ``mini_batches_per_step`` mini-batches (PPO-clip form when > 1).
-2. Per mini-batch: micro-batches under the token budget; the objective's final loss mask ``M_t``
-   per token; global token/sequence counts over all micro-batches and DP ranks; per-token weights
-   ``w_t`` so each micro-batch's loss ``Σ w_t L_t`` adds up to the global-batch loss
-   (OBJECTIVES.md, Notation: aggregation over the whole global batch).
+2. Per mini-batch: micro-batches under the token budget; each one's token batch (the objective's view of its
+   samples and their scores); the objective's final loss mask ``M_t`` per token; global token/sequence counts
+   over all micro-batches and DP ranks; per-token weights ``w_t`` so each micro-batch's loss ``Σ w_t L_t``
+   adds up to the global-batch loss (docs/objectives.md, Notation: aggregation over the whole global batch).
 3. Megatron's schedule runs forward/backward with the objective as loss function. megatron divides
    each micro-batch loss by the number of micro-batches and DDP averages gradients over DP, so the
    loss handed back is multiplied by both to keep the gradient of the global loss.
 4. Non-finite losses or gradient norm anywhere in the group, or a mini-batch without a single
    unmasked response token, skip the update (counted).
-5. Optimizer step (gradient clipping inside), LR schedule step; metrics reduced over DP.
+5. Gradient clipping by the norm over all parameters (each of megatron's chained optimizers — dense and
+   expert-parallel parameters — clipped by that total), optimizer step, LR schedule step; metrics reduced
+   over DP.
+
+The scores arrive with the samples (``Sample.scores``), computed whenever scoring ran.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state as ps
+from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 from torch import Tensor
 
 from megatron_opd.models.forward import model_forward, run_schedule
 from megatron_opd.objectives.aggregation import global_counts, local_counts, token_weights
-from megatron_opd.objectives.base import TokenBatch
+from megatron_opd.objectives.base import Objective
+from megatron_opd.objectives.inputs import TokenBatch
 from megatron_opd.objectives.metrics import Metrics, merge_metrics, reduce_metrics
+from megatron_opd.platform.distributed import is_last_stage, is_output_rank
 from megatron_opd.scoring.scorer import response_rows
-from megatron_opd.trainer.batch import MicroBatch, Sample
+from megatron_opd.trainer.batch import MicroBatch, MicroBatching, Sample
 
 if TYPE_CHECKING:
-    from megatron_opd.trainer.worker import ModelWorker
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+
+class TrainingState(Protocol):
+    """What a train step works with: Megatron's DDP-wrapped ``model``, its ``optimizer`` and LR ``scheduler``, the
+    ``objective``, the micro-batching, the rank's process groups, and the step's settings."""
+
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    objective: Objective
+    batching: MicroBatching
+    groups: ProcessGroupCollection
+    clip_grad: float  # 0: no clipping
+    mini_batches_per_step: int
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainMetrics:
+    """One optimizer step of the student, reduced over its data-parallel ranks."""
+
+    loss: float  # the global-batch loss, summed over the mini-batches
+    grad_norm: float  # mean over the applied updates (NaN when none was)
+    lr: float  # after the step
+    skipped_updates: int  # mini-batches whose update was skipped (non-finite, or nothing to learn from)
+    objective: dict[str, float]  # the objective's metrics over the global batch
+
+    def as_dict(self) -> dict[str, float]:
+        """The metrics under their logged names (``train/...`` and the objective's own)."""
+        return {
+            **self.objective,
+            "train/loss": self.loss,
+            "train/grad_norm": self.grad_norm,
+            "train/lr": self.lr,
+            "train/skipped_updates": float(self.skipped_updates),
+        }
 
 
 def split_mini_batches(samples: list[Sample], n: int) -> list[list[Sample]]:
@@ -41,82 +84,23 @@ def split_mini_batches(samples: list[Sample], n: int) -> list[list[Sample]]:
     return [ordered[i : i + size] for i in range(0, len(ordered), size)] or [[]]
 
 
-def token_batch(worker: ModelWorker, mb: MicroBatch, rows: Tensor, weights: Tensor) -> TokenBatch:
-    """The objective's view of one micro-batch (all per-token fields in token order)."""
-    device = rows.device
-    objective = worker.objective
-
-    def field(name: str) -> Tensor | None:
-        t = mb.per_token(name)
-        return None if t is None else t.to(device)
-
-    req = objective.requirements
-    support_ids = support_logp = None
-    if req.support == "teacher_topk":
-        support_ids, support_logp = field("teacher_topk_ids"), field("teacher_topk_logp")
-    elif req.support == "student_topk":
-        support_ids, support_logp = field("student_topk_ids"), field("teacher_ids_logp")
-    else:  # no support in the loss: the teacher's top-K (when fetched) feeds the top-K overlap metric only
-        support_ids, support_logp = field("teacher_topk_ids"), field("teacher_topk_logp")
-    names = list(worker.spec.teacher_names)
-    teacher_index = torch.tensor(
-        [names.index(s.teacher) if s.teacher in names else 0 for s in mb.samples], device=device
-    )[mb.seq_index.to(device)]
-    reward = torch.tensor([float(s.reward) for s in mb.samples], device=device)[mb.seq_index.to(device)]
-    response_mask = field("loss_mask")
-    return TokenBatch(
-        logits=rows,
-        labels=mb.labels.to(device),
-        response_mask=torch.ones(mb.num_tokens, device=device) if response_mask is None else response_mask,
-        token_weight=weights.to(device),
-        seq_index=mb.seq_index.to(device),
-        teacher_logp=field("teacher_logp"),
-        ref_logp=field("ref_logp"),
-        old_logp=field("old_logp"),
-        rollout_logp=field("rollout_logprobs"),
-        support_ids=support_ids,
-        support_teacher_logp=support_logp,
-        teacher_topk_ids=field("teacher_topk_ids") if req.support == "student_topk" else None,
-        teacher_index=teacher_index,
-        outcome_reward=reward,
-        tp_group=ps.get_tensor_model_parallel_group(),
-    )
-
-
-def final_masks(worker: ModelWorker, mbs: list[MicroBatch]) -> list[Tensor]:
-    """``M_t`` per micro-batch: response tokens minus masked special tokens and rejected tokens."""
-    masks = []
-    for mb in mbs:
-        response = mb.per_token("loss_mask")
-        masks.append(
-            worker.objective.loss_mask(
-                torch.ones(mb.num_tokens) if response is None else response,
-                mb.labels,
-                old_logp=mb.per_token("old_logp"),
-                rollout_logp=mb.per_token("rollout_logprobs"),
-                seq_index=mb.seq_index,
-            )
-        )
-    return masks
-
-
 class MiniBatchLoss:
     """The schedule's forward step for one mini-batch: the objective as loss function, scaled for
     megatron's averaging, with non-finite losses flagged (zeroed, so backward stays finite)."""
 
-    def __init__(self, worker: ModelWorker, scale: int, device: str) -> None:
-        self.worker, self.scale, self.device = worker, scale, device
+    def __init__(self, objective: Objective, scale: int, device: str) -> None:
+        self.objective, self.scale, self.device = objective, scale, device
         self.bad = torch.zeros(1, device=device)
         self.loss = torch.zeros((), dtype=torch.float64)
 
-    def __call__(self, model: torch.nn.Module, item: tuple[MicroBatch, Tensor]) -> tuple[Tensor, Any]:
-        mb, weights = item
+    def __call__(self, model: torch.nn.Module, item: tuple[MicroBatch, TokenBatch]) -> tuple[Tensor, Any]:
+        mb, batch = item
         output = model_forward(model, mb.model_inputs(self.device))
 
         def loss_fn(out: Tensor) -> tuple[Tensor, Metrics]:
             if mb.num_tokens == 0:  # padding micro-batch (expert-parallel alignment): no loss, no metrics
                 return out.sum() * 0.0, {}
-            result = self.worker.objective(token_batch(self.worker, mb, response_rows(out, mb), weights))
+            result = self.objective(batch.to(self.device).with_logits(response_rows(out, mb)))
             if torch.isfinite(result.loss):
                 loss = result.loss
                 self.loss += result.loss.detach().double().cpu()
@@ -128,6 +112,17 @@ class MiniBatchLoss:
         return output, loss_fn
 
 
+def clip_gradients(optimizer: Any, max_norm: float, total_norm: float) -> None:
+    """Scale the gradients of every parameter by ``max_norm / total_norm`` where that is below 1: each of
+    megatron's chained optimizers (dense and expert-parallel parameters) by the norm over all of them, as
+    ``ChainedOptimizer.step`` does (``MegatronOptimizer.clip_grad_norm`` reads a single optimizer's state)."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        params = [] if getattr(opt, "is_stub_optimizer", False) else opt.get_parameters()
+        if params:
+            decoupled = opt.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8
+            clip_grad_by_total_norm_fp32(params, max_norm, total_norm, decoupled)
+
+
 def _with_common_keys(metrics: Metrics, group: dist.ProcessGroup) -> Metrics:
     """Every DP rank reports the union of all ranks' metric names (a rank whose micro-batches were
     all padding has none), so the reduction's collective sees equal shapes."""
@@ -137,54 +132,64 @@ def _with_common_keys(metrics: Metrics, group: dist.ProcessGroup) -> Metrics:
     return {n: metrics.get(n, (zero, zero)) for n in sorted(set().union(*names))}
 
 
-def run_train_step(worker: ModelWorker, samples: list[Sample]) -> dict[str, Any] | None:
-    model, optimizer, objective = worker.model, worker.optimizer, worker.objective
-    dp_group = ps.get_data_parallel_group()
-    dp_size = ps.get_data_parallel_world_size()
-    last_stage = ps.is_pipeline_last_stage(ignore_virtual=True)
+def train_step(state: TrainingState, samples: list[Sample]) -> TrainMetrics | None:
+    """One optimizer step per mini-batch over this DP rank's scored ``samples``; the metrics on the output ranks
+    (``None`` on the others)."""
+    model, optimizer, objective, groups = state.model, state.optimizer, state.objective, state.groups
+    dp_group, dp_size = groups.dp, dist.get_world_size(groups.dp)
+    last_stage = is_last_stage(groups)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.train()
     metrics_parts: list[Metrics] = []
     loss_total = torch.zeros((), dtype=torch.float64, device=device)
     grad_norms: list[float] = []
     skipped = 0
-    for mini in split_mini_batches(samples, worker.spec.mini_batches_per_step):
-        mbs = worker._microbatches(mini, at_least_one=True)
-        masks = final_masks(worker, mbs)
-        counts = global_counts([local_counts(m, mb.seq_index) for m, mb in zip(masks, mbs)], group=dp_group)
+    for mini in split_mini_batches(samples, state.mini_batches_per_step):
+        mbs = state.batching.split(mini, groups, at_least_one=True)
+        batches = [objective.token_batch(mb.samples, mb.labels, mb.seq_index, groups.tp) for mb in mbs]
+        masks = [
+            objective.loss_mask(
+                b.response_mask, b.labels, old_logp=b.old_logp, rollout_logp=b.rollout_logp, seq_index=b.seq_index
+            )
+            for b in batches
+        ]
+        counts = global_counts([local_counts(m, b.seq_index) for m, b in zip(masks, batches)], group=dp_group)
         if counts.tokens == 0:  # every response token masked on every rank: no loss, so no update
             skipped += 1
             continue
-        weights = [token_weights(m, mb.seq_index, counts, objective.cfg.loss_agg_mode) for m, mb in zip(masks, mbs)]
-        step = MiniBatchLoss(worker, len(mbs) * dp_size, device)
+        mode = objective.cfg.loss_agg_mode
+        batches = [
+            dataclasses.replace(b, token_weight=token_weights(m, b.seq_index, counts, mode))
+            for m, b in zip(masks, batches)
+        ]
+        step = MiniBatchLoss(objective, len(mbs) * dp_size, device)
         model.zero_grad_buffer()
         optimizer.zero_grad()
         shape = tuple(mbs[0].input_ids.shape)
-        results = run_schedule(model, list(zip(mbs, weights)), step, forward_only=False, shape=shape)
+        results = run_schedule(model, list(zip(mbs, batches)), step, forward_only=False, shape=shape)
         if last_stage:
             metrics_parts.extend(results)
         loss_total += step.loss.to(device)
-        dist.all_reduce(step.bad)  # the whole group agrees on skipping
+        dist.all_reduce(step.bad, group=dist.group.WORLD)  # the whole group agrees on skipping
         optimizer.prepare_grads()
         grad_norm = float(optimizer.get_grad_norm())
         if step.bad.item() > 0 or not math.isfinite(grad_norm):
             skipped += 1
             continue
-        if worker.spec.optim.clip_grad > 0:
-            optimizer.clip_grad_norm(worker.spec.optim.clip_grad)
+        if state.clip_grad > 0:
+            clip_gradients(optimizer, state.clip_grad, grad_norm)
         optimizer.step_with_ready_grads()
-        worker.scheduler.step(increment=1)
+        state.scheduler.step(increment=1)
         grad_norms.append(grad_norm)
     if not last_stage:
         return None
     dist.all_reduce(loss_total, group=dp_group)
-    out: dict[str, Any] = reduce_metrics(_with_common_keys(merge_metrics(metrics_parts), dp_group), group=dp_group)
-    out.update(
-        {
-            "train/loss": float(loss_total),
-            "train/grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else float("nan"),
-            "train/lr": float(optimizer.param_groups[0]["lr"]),
-            "train/skipped_updates": float(skipped),
-        }
+    objective_metrics = reduce_metrics(_with_common_keys(merge_metrics(metrics_parts), dp_group), group=dp_group)
+    metrics = TrainMetrics(
+        loss=float(loss_total),
+        grad_norm=sum(grad_norms) / len(grad_norms) if grad_norms else float("nan"),
+        lr=float(optimizer.param_groups[0]["lr"]),
+        skipped_updates=skipped,
+        objective=objective_metrics,
     )
-    return out if ps.get_tensor_model_parallel_rank() == 0 else None
+    return metrics if is_output_rank(groups) else None

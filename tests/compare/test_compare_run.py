@@ -13,7 +13,7 @@ import pytest
 
 from megatron_opd.compare.runs import OBJECTIVE_OVERRIDES, plan_runs
 from megatron_opd.config.loader import load_config
-from megatron_opd.objectives.config import OBJECTIVE_NAMES
+from megatron_opd.objectives.registry import OBJECTIVE_NAMES, objective_class
 from tests.conftest import REPO
 
 DEMO = str(REPO / "configs" / "demo" / "cpu.yaml")
@@ -28,7 +28,9 @@ def test_every_objective_is_planned_and_validates(demo_assets: object, tmp_path:
     for spec in plan:
         cfg = load_config(DEMO, list(spec.overrides))
         cfg.validate()
-        assert cfg.objective.name == spec.objective and cfg.objective.lam == lam.get(spec.objective, 1.0)
+        assert cfg.objective.name == spec.objective and objective_class(spec.objective).lam(cfg.objective) == lam.get(
+            spec.objective, 1.0
+        )
         assert cfg.objective.top_k == 6 and cfg.seed == spec.seed and cfg.data.seed == spec.seed
         assert cfg.run_dir == str(tmp_path / spec.objective / f"seed_{spec.seed}") and cfg.trainer.steps == 3
         # the same task, budget, rollouts and evaluation for every objective

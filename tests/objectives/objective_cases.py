@@ -12,10 +12,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from megatron_opd.objectives.base import TokenBatch
 from megatron_opd.objectives.config import ObjectiveConfig
+from megatron_opd.objectives.inputs import TokenBatch
 from megatron_opd.objectives.metrics import reduce_metrics
-from megatron_opd.objectives.registry import build_objective
+from megatron_opd.objectives.registry import build_objective, objective_class
 from tests.objectives import objective_plain as plain
 from tests.tolerance import ulps
 
@@ -205,7 +205,7 @@ def expected(cfg: ObjectiveConfig, case: Case, *, ppo: bool = False) -> tuple[fl
         s_adv = old[i] if cfg.advantage_logp == "old" else float(ls)
         adv = float(lt[i]) - s_adv
         if cfg.name in ("opd", "gopd", "exopd"):
-            adv += (cfg.lam - 1.0) * (float(lt[i]) - float(case.ref_logp[i]))
+            adv += (objective_class(cfg.name).lam(cfg) - 1.0) * (float(lt[i]) - float(case.ref_logp[i]))
             row = w_is * plain.pg_loss(ls, adv, old[i] if ppo else None, cfg.clip_ratio, cfg.clip_ratio_c)
             add("opd/advantage", adv, i)
         elif cfg.name == "aopd":
@@ -215,7 +215,7 @@ def expected(cfg: ObjectiveConfig, case: Case, *, ppo: bool = False) -> tuple[fl
                 y,
                 cfg.top_k,
                 cfg.tau,
-                cfg.divergence_beta,
+                objective_class(cfg.name).divergence_beta(cfg),
                 variant=cfg.aopd_variant,
                 reward=float(case.reward[i]),
                 tol=cfg.aopd_zero_tolerance,
@@ -231,7 +231,9 @@ def expected(cfg: ObjectiveConfig, case: Case, *, ppo: bool = False) -> tuple[fl
         elif cfg.name == "lsm":
             row = plain.lsm_row(z, zt, y, cfg.top_k, cfg.support)
         elif cfg.name == "gkd":
-            row = plain.gjsd_row(z, zt, cfg.divergence_beta, cfg.top_k, cfg.renormalize, cfg.tail_bucket)
+            row = plain.gjsd_row(
+                z, zt, objective_class(cfg.name).divergence_beta(cfg), cfg.top_k, cfg.renormalize, cfg.tail_bucket
+            )
         else:
             row = -ls
         loss = loss + case.weights[i] * row

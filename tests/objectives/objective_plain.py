@@ -1,4 +1,4 @@
-"""Independent float64 formulas of OBJECTIVES.md, one row (token) at a time, written from the sheet
+"""Independent float64 formulas of docs/objectives.md, one row (token) at a time, written from the sheet
 and sharing no code with ``megatron_opd.objectives``. Gradients come from autograd through these."""
 
 from __future__ import annotations

@@ -11,8 +11,8 @@ import torch
 
 from megatron_opd.objectives import aggregation as agg
 from megatron_opd.objectives import rollout_correction as rc
-from megatron_opd.objectives.base import TokenBatch
 from megatron_opd.objectives.config import ObjectiveConfig
+from megatron_opd.objectives.inputs import TokenBatch
 from megatron_opd.objectives.lsm import special_token_ids
 from megatron_opd.objectives.metrics import merge_metrics, reduce_metrics
 from megatron_opd.objectives.registry import build_objective

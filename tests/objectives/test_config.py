@@ -6,19 +6,19 @@ import pytest
 
 from megatron_opd.config.errors import ConfigError
 from megatron_opd.objectives.config import ObjectiveConfig
-from megatron_opd.objectives.registry import build_objective
+from megatron_opd.objectives.registry import build_objective, objective_class, validate_objective
 
 
 def _error(cfg: ObjectiveConfig, **kwargs) -> str:
     with pytest.raises(ConfigError) as info:
-        cfg.validate(**kwargs)
+        validate_objective(cfg, **kwargs)
     return str(info.value)
 
 
 def test_reference_teacher_base_needs_base_model() -> None:
     msg = _error(ObjectiveConfig(name="exopd", reference="teacher_base"), has_teacher_base=False)
     assert msg.startswith("objective.reference='teacher_base'") and "base_path" in msg
-    ObjectiveConfig(name="exopd", reference="teacher_base").validate(has_teacher_base=True)
+    validate_objective(ObjectiveConfig(name="exopd", reference="teacher_base"), has_teacher_base=True)
 
 
 @pytest.mark.parametrize("lam", [0.0, -1.0])
@@ -30,7 +30,8 @@ def test_lambda_must_be_positive(lam: float) -> None:
 def test_lambda_only_for_gopd_family() -> None:
     assert "does not use it" in _error(ObjectiveConfig(name="aopd", lambda_=1.25))
     assert "sampled-token OPD is λ = 1" in _error(ObjectiveConfig(name="opd", lambda_=1.25))
-    assert ObjectiveConfig(name="exopd").lam == 1.25 and ObjectiveConfig(name="gopd").lam == 1.0
+    assert objective_class("exopd").lam(ObjectiveConfig(name="exopd")) == 1.25
+    assert objective_class("gopd").lam(ObjectiveConfig(name="gopd")) == 1.0
 
 
 def test_top_k_larger_than_vocab() -> None:
@@ -85,7 +86,8 @@ def test_masked_ids_must_be_in_vocab_and_resolvable() -> None:
 def test_defaults_validate_for_every_objective() -> None:
     for name in ("opd", "gopd", "exopd", "aopd", "lsm", "gkd", "sft"):
         cfg = ObjectiveConfig(name=name)
-        cfg.validate()
+        validate_objective(cfg)
         assert build_objective(cfg).name == name
-    assert ObjectiveConfig(name="lsm").divergence_beta == 1.0 and ObjectiveConfig(name="aopd").divergence_beta == 0.0
+    assert objective_class("lsm").divergence_beta(ObjectiveConfig(name="lsm")) == 1.0
+    assert objective_class("aopd").divergence_beta(ObjectiveConfig(name="aopd")) == 0.0
     assert ObjectiveConfig(rollout_is_threshold=4.0).rs_bounds == (0.25, 4.0)

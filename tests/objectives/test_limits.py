@@ -1,4 +1,4 @@
-"""The limits of OBJECTIVES.md hold for the production objectives: λ = 1 ignores the reference,
+"""The limits of docs/objectives.md hold for the production objectives: λ = 1 ignores the reference,
 τ = −1 is sampled-token OPD, τ = 1 is top-K GKD, LSM with K = V is the full reverse KL."""
 
 from __future__ import annotations

@@ -166,7 +166,7 @@ def test_missing_inputs_are_named() -> None:
     case = oc.make_case(4, 12, 8)
     with pytest.raises(ValueError, match="ref_logp"):
         objective = build_objective(ObjectiveConfig(name="exopd"))
-        from megatron_opd.objectives.base import TokenBatch
+        from megatron_opd.objectives.inputs import TokenBatch
 
         objective(
             TokenBatch(
@@ -230,9 +230,8 @@ def test_dual_clip_caps_negative_advantages() -> None:
     on = ObjectiveConfig(name="opd", policy_loss="ppo_clip")
     off = dataclasses.replace(on, clip_ratio_c=None)
     got_on, got_off = oc.run_objective(on, case, {}), oc.run_objective(off, case, {})
-    scale = oc.logit_scale(case)
-    _check(got_on, _expected(on, case, {}), scale)
-    _check(got_off, _expected(off, case, {}), scale)
+    _check(got_on, _expected(on, case, {}), oc.logit_scale(case))
+    _check(got_off, _expected(off, case, {}), oc.logit_scale(case))
     assert got_on[0] < got_off[0] - 1e-3  # capping −A·r at −A·3 lowers the loss
     keep = case.response_mask > 0
     assert abs(got_on[2]["ppo/clip_frac_lower"] - float(capped[keep].double().mean())) < 1e-9

@@ -1,5 +1,5 @@
 """``objectives/reference.py`` equals the independent row-by-row float64 formulas of ``plain.py``,
-values and gradients w.r.t. the student logits, and the limits of OBJECTIVES.md hold."""
+values and gradients w.r.t. the student logits, and the limits of docs/objectives.md hold."""
 
 from __future__ import annotations
 
@@ -192,7 +192,7 @@ def test_lsm(n: int, v: int, support: str, top_k: int) -> None:
     )
 
 
-# ---- limits of OBJECTIVES.md ----
+# ---- limits of docs/objectives.md ----
 
 
 def test_limit_tau_minus_one_is_opd() -> None:

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch
 
 from megatron_opd.models.tiny import save_tiny_model, tiny_config
 from megatron_opd.platform.spawn import spawn_world
+from megatron_opd.scoring.contract import SampleScores, TokenScores
 from megatron_opd.trainer.batch import Sample, split_for_data_parallel
 from tests.reliability.conftest import opd_in_process
 from tests.trainer.conftest import VOCAB, make_samples, worker_spec
@@ -29,34 +31,35 @@ pytestmark = pytest.mark.slow
 def scored(n: int) -> list[Sample]:
     samples = make_samples(n, seed=5)
     for s in samples:
-        s.teacher_logp = -torch.rand(s.response_len) - 0.5
+        s.scores.teacher = TokenScores(-torch.rand(s.response_len) - 0.5)
     return samples
 
 
-# (field, value, passes): -inf is a zero-probability entry in a top-K list, but never the teacher's
+# (source, field, value, passes): -inf is a zero-probability entry in a top-K list, but never the teacher's
 # log-prob of a sampled token.
-SCORE_CASES = [
-    (f, v, False) for f in ("teacher_logp", "ref_logp", "old_logp", "teacher_topk_logp") for v in (math.nan, math.inf)
-]
-SCORE_CASES += [("teacher_logp", -math.inf, False), ("teacher_topk_logp", -math.inf, True)]
+SCORE_FIELDS = [("teacher", "logp"), ("reference", "logp"), ("student", "logp"), ("teacher", "topk_logp")]
+SCORE_CASES = [(src, f, v, False) for src, f in SCORE_FIELDS for v in (math.nan, math.inf)]
+SCORE_CASES += [("teacher", "logp", -math.inf, False), ("teacher", "topk_logp", -math.inf, True)]
 
 
 @pytest.mark.fault("NaN / inf in teacher or reference scores", "detected before the update")
-@pytest.mark.parametrize(("field", "value", "passes"), SCORE_CASES)
-def test_score_check_finds_non_finite_values(field: str, value: float, passes: bool) -> None:
+@pytest.mark.parametrize(("source", "field", "value", "passes"), SCORE_CASES)
+def test_score_check_finds_non_finite_values(source: str, field: str, value: float, passes: bool) -> None:
     from megatron_opd.trainer.driver import scores_finite
 
     samples = scored(3)
     for s in samples:
-        shape = (s.response_len, 2) if field == "teacher_topk_logp" else (s.response_len,)
-        setattr(s, field, -torch.rand(shape))
+        scores = getattr(s.scores, source) or TokenScores(-torch.rand(s.response_len))
+        shape = (s.response_len, 2) if field == "topk_logp" else (s.response_len,)
+        setattr(scores, field, -torch.rand(shape))
+        setattr(s.scores, source, scores)
     assert scores_finite(samples)
-    getattr(samples[1], field).view(-1)[0] = value
+    getattr(getattr(samples[1].scores, source), field).view(-1)[0] = value
     assert scores_finite(samples) is passes
 
 
 def _params(worker) -> torch.Tensor:
-    return torch.cat([p.detach().flatten().clone() for p in worker._unwrapped().parameters()])
+    return torch.cat([p.detach().flatten().clone() for p in worker.student.module.parameters()])
 
 
 def _steps(student: str, samples: list[Sample]) -> list[tuple[str, float, bool]]:
@@ -70,15 +73,16 @@ def _steps(student: str, samples: list[Sample]) -> list[tuple[str, float, bool]]
     poisoned_uid = split_for_data_parallel(samples, 2)[1][0].uid  # lives on DP rank 1 only
 
     def poison(value: float) -> list[Sample]:
-        out = [Sample(**{**s.__dict__}) for s in mine]
+        out = [dataclasses.replace(s) for s in mine]
         for s in out:
             if s.uid == poisoned_uid:
-                s.teacher_logp = s.teacher_logp.clone()
-                s.teacher_logp[-1] = value
+                logp = s.scores.teacher.logp.clone()
+                logp[-1] = value
+                s.scores = SampleScores(teacher=TokenScores(logp))
         return out
 
     def masked() -> list[Sample]:
-        return [Sample(**{**s.__dict__, "loss_mask": torch.zeros(s.response_len)}) for s in mine]
+        return [dataclasses.replace(s, response_mask=torch.zeros(s.response_len)) for s in mine]
 
     plan = [("clean", lambda: mine), ("nan_loss", lambda: poison(math.nan)), ("inf_loss", lambda: poison(-math.inf))]
     plan += [("all_masked", masked), ("clean_again", lambda: mine)]
@@ -86,15 +90,13 @@ def _steps(student: str, samples: list[Sample]) -> list[tuple[str, float, bool]]
     for name, batch in plan:
         before = _params(worker)
         metrics = worker.train_step(batch())
-        out.append((name, metrics["train/skipped_updates"], not torch.equal(before, _params(worker))))
+        out.append((name, float(metrics.skipped_updates), not torch.equal(before, _params(worker))))
     with torch.no_grad():  # non-finite student logits: a NaN in the LM head
-        worker._unwrapped().output_layer.weight[0, 0] = math.nan
+        worker.student.module.output_layer.weight[0, 0] = math.nan
     before = _params(worker)
     metrics = worker.train_step(mine)
     after = _params(worker)
-    out.append(
-        ("nan_logits", metrics["train/skipped_updates"], not torch.equal(before.nan_to_num(), after.nan_to_num()))
-    )
+    out.append(("nan_logits", float(metrics.skipped_updates), not torch.equal(before.nan_to_num(), after.nan_to_num())))
     return out
 
 

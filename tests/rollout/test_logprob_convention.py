@@ -90,7 +90,8 @@ def test_teachers_and_references_score_at_the_rollout_temperature(monkeypatch: p
             self.spec, self.name = spec, spec.group
             made.append(spec)
 
-    monkeypatch.setattr(driver, "WorkerGroup", Recording)
+    monkeypatch.setattr(driver, "StudentGroup", Recording)
+    monkeypatch.setattr(driver, "ScoringGroup", Recording)
     monkeypatch.setattr(driver, "place", lambda cfg, specs: [None] * len(specs))
     cfg = OPDConfig(student=ModelConfig("student"))
     cfg.rollout.temperature = 0.7
@@ -98,6 +99,7 @@ def test_teachers_and_references_score_at_the_rollout_temperature(monkeypatch: p
     for reference in ("student_base", "teacher_base"):
         made.clear()
         tokenizer = SimpleNamespace(pad_token_id=0, eos_token_id=1)
-        driver.build_groups(cfg, tokenizer, cfg.objective, SimpleNamespace(reference=reference))
+        objective = SimpleNamespace(requirements=SimpleNamespace(reference=reference))
+        driver.build_groups(cfg, tokenizer, objective)
         assert len(made) == 1 + len(cfg.teachers) + (1 if reference == "student_base" else len(cfg.teachers))
         assert {spec.temperature for spec in made} == {0.7}

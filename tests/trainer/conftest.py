@@ -8,6 +8,8 @@ import torch
 
 from megatron_opd.config.schema import ModelConfig, OptimConfig, ParallelConfig
 from megatron_opd.objectives.config import ObjectiveConfig
+from megatron_opd.objectives.registry import build_objective
+from megatron_opd.scoring.contract import TokenScores
 from megatron_opd.trainer.batch import Sample
 from megatron_opd.trainer.worker import WorkerSpec
 
@@ -27,7 +29,7 @@ def make_samples(n: int, seed: int, vocab: int = VOCAB, teachers: tuple[str, ...
                 uid=uid,
                 prompt_ids=ids[:p],
                 response_ids=ids[p:],
-                rollout_logprobs=(-torch.rand(r, generator=g) - 0.5).tolist(),
+                rollout_logp=(-torch.rand(r, generator=g) - 0.5).tolist(),
                 teacher=teachers[uid % len(teachers)],
             )
         )
@@ -35,7 +37,7 @@ def make_samples(n: int, seed: int, vocab: int = VOCAB, teachers: tuple[str, ...
 
 
 @torch.no_grad()
-def hf_scores(model_dir: str, samples: list[Sample], top_k: int = 0) -> dict[int, dict[str, torch.Tensor]]:
+def hf_scores(model_dir: str, samples: list[Sample], top_k: int = 0) -> dict[int, TokenScores]:
     """Per response token log-probs (and top-K) of the HF model: fp32 forward (HF MoE has no fp64
     kernels), log-softmax in float64."""
     from transformers import AutoModelForCausalLM
@@ -47,11 +49,10 @@ def hf_scores(model_dir: str, samples: list[Sample], top_k: int = 0) -> dict[int
         logp = torch.log_softmax(model(ids).logits[0].double(), -1)
         p = len(s.prompt_ids)
         rows = logp[p - 1 : p - 1 + s.response_len]
-        d = {"logp": rows.gather(1, torch.tensor(s.response_ids)[:, None])[:, 0]}
+        scores = TokenScores(logp=rows.gather(1, torch.tensor(s.response_ids)[:, None])[:, 0])
         if top_k:
-            vals, idx = rows.topk(top_k, dim=-1)
-            d["topk_logp"], d["topk_ids"] = vals, idx
-        out[s.uid] = d
+            scores.topk_logp, scores.topk_ids = rows.topk(top_k, dim=-1)
+        out[s.uid] = scores
     return out
 
 
@@ -67,7 +68,7 @@ def worker_spec(
             spec,
             trainable=True,
             optim=OptimConfig(lr=3e-3, clip_grad=1.0),
-            objective=ObjectiveConfig(**objective),
+            objective=build_objective(ObjectiveConfig(**objective)),
             total_steps=10,
         )
     return spec

@@ -1,6 +1,7 @@
 """Training checkpoints as they are on a cluster: Transformer Engine's optimizer and spec, the
 memory-efficient distributed-optimizer save (TE faked by ``tests/te_fakes.py``).
 
+- torch's Adam (no TE): a resume after an update continues exactly as the uninterrupted run.
 - With TE installed megatron's optimizer is TE's ``FusedAdam`` (step in the param group, only
   ``exp_avg``/``exp_avg_sq`` per parameter, ``state_dict()`` strict about per-parameter keys): a save
   before any update, its resume, and a resume after an update that continues exactly as the
@@ -58,19 +59,19 @@ def _snapshot(worker: Any) -> dict[str, np.ndarray]:
         values = (v for v in nested_values(sharded) if isinstance(v, ShardedTensor))
         return {v.key: v.data.detach().float().numpy().copy() for v in values}
 
-    model_sd = model_sharded_state_dict(worker._unwrapped())
-    opt = worker.optimizer.sharded_state_dict(model_sd, metadata={"distrib_optim_sharding_type": "fully_reshardable"})
+    model_sd = model_sharded_state_dict(worker.student.module)
+    opt = worker.student.optimizer.sharded_state_dict(
+        model_sd, metadata={"distrib_optim_sharding_type": "fully_reshardable"}
+    )
     steps = [g.get("step", -1) for g in opt["optimizer"]["param_groups"]]
     return {**tensors(model_sd), **tensors(opt["param_state"]), "step": np.array(steps, float)}
 
 
 def _save(worker: Any, path: str, iteration: int) -> None:
-    from megatron_opd.trainer.checkpoint import save_training_state
-
     if torch.distributed.get_rank() == 0:
         Path(path).mkdir()  # CheckpointManager.begin makes it
     torch.distributed.barrier()
-    save_training_state(worker, path, iteration)
+    worker.save_checkpoint(path, iteration)
 
 
 def _part(result: dict, name: str, fn: Any) -> None:
@@ -81,7 +82,6 @@ def _part(result: dict, name: str, fn: Any) -> None:
 
 
 def _world1(student: str, root: str) -> dict:
-    from megatron_opd.trainer.checkpoint import load_training_state
     from tests import te_fakes
 
     te_fakes.install()
@@ -93,36 +93,39 @@ def _world1(student: str, root: str) -> dict:
         want = _snapshot(local)
         _save(local, f"{root}/local", 1)
         te = _worker(student, spec="te")
-        load_training_state(te, f"{root}/local")
+        te.load_checkpoint(f"{root}/local")
         return want, _snapshot(te)
 
     _part(result, "cross_spec", cross_spec)
+
+    def resume_continues(name: str) -> tuple:
+        """An update, a save, an update; and a resume from that save with an update."""
+        trained = _worker(student)
+        _train(trained)
+        _save(trained, f"{root}/{name}", 1)
+        _train(trained)
+        want = _snapshot(trained)
+        resumed = _worker(student)
+        resumed.load_checkpoint(f"{root}/{name}")
+        _train(resumed)
+        return want, _snapshot(resumed)
+
+    _part(result, "torch_adam", lambda: resume_continues("adam1"))
 
     te_fakes.install_fused_adam()
 
     def fresh_save_and_resume() -> dict:
         fresh = _worker(student)
-        assert type(fresh.optimizer.optimizer).__name__ == "FusedAdam"
+        assert type(fresh.student.optimizer.optimizer).__name__ == "FusedAdam"
         _save(fresh, f"{root}/step0", 0)  # no update yet: the state is filled in first
         want = _snapshot(fresh)
         resumed = _worker(student)
-        load_training_state(resumed, f"{root}/step0")
+        resumed.load_checkpoint(f"{root}/step0")
         return want, _snapshot(resumed)
 
     _part(result, "fresh", fresh_save_and_resume)
 
-    def resume_continues() -> tuple:
-        trained = _worker(student)
-        _train(trained)
-        _save(trained, f"{root}/step1", 1)
-        _train(trained)
-        want = _snapshot(trained)
-        resumed = _worker(student)
-        load_training_state(resumed, f"{root}/step1")
-        _train(resumed)
-        return want, _snapshot(resumed)
-
-    _part(result, "continues", resume_continues)
+    _part(result, "continues", lambda: resume_continues("step1"))
     return result
 
 
@@ -147,10 +150,8 @@ def _world2_save(student: str, root: str) -> tuple[list, dict]:
 
 
 def _world1_load(student: str, root: str) -> dict:
-    from megatron_opd.trainer.checkpoint import load_training_state
-
     worker = _worker(student)
-    load_training_state(worker, f"{root}/dp2")
+    worker.load_checkpoint(f"{root}/dp2")
     return _snapshot(worker)
 
 
@@ -182,6 +183,14 @@ def _result(world1: dict, name: str) -> Any:
 def test_local_spec_checkpoint_resumes_under_transformer_engine(world1: dict) -> None:
     want, got = _result(world1, "cross_spec")
     assert any(k.startswith("optimizer.state.exp_avg.") for k in want) and set(want["step"].tolist()) == {1.0}
+    _same(got, want)
+
+
+def test_torch_adam_resume_continues_like_the_uninterrupted_run(world1: dict) -> None:
+    """torch's Adam (no TE) keeps its step per parameter: each a tensor of its own after the load, so the resumed
+    update has the uninterrupted run's bias corrections (step 2, not one increment per parameter)."""
+    want, got = _result(world1, "torch_adam")
+    assert set(want["step"].tolist()) == {2.0}
     _same(got, want)
 
 

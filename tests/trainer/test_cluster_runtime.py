@@ -85,13 +85,13 @@ def _worker(student: str, distributed_optimizer: bool) -> Any:
 
 
 def _params(worker: Any) -> dict[str, torch.Tensor]:
-    return {n: p.detach().float().clone() for n, p in worker._unwrapped().named_parameters()}
+    return {n: p.detach().float().clone() for n, p in worker.student.module.named_parameters()}
 
 
 def _offload_world(student: str, distributed_optimizer: bool) -> dict:
     worker = _worker(student, distributed_optimizer)
     before = _params(worker)
-    storages = {n: p.untyped_storage().data_ptr() for n, p in worker._unwrapped().named_parameters()}
+    storages = {n: p.untyped_storage().data_ptr() for n, p in worker.student.module.named_parameters()}
     fake = {
         (torch.cuda, "is_available"): lambda: True,
         (torch.cuda, "empty_cache"): lambda: None,
@@ -104,7 +104,7 @@ def _offload_world(student: str, distributed_optimizer: bool) -> dict:
         worker.offload()
         left = [
             n
-            for n, p in worker._unwrapped().named_parameters()
+            for n, p in worker.student.module.named_parameters()
             if p.untyped_storage().size() and p.untyped_storage().data_ptr() == storages[n]
         ]
         worker.onload()

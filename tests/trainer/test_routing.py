@@ -3,56 +3,54 @@ for what the objective needs."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 
-from megatron_opd.objectives.base import Requirements
+from megatron_opd.objectives.inputs import Requirements
+from megatron_opd.scoring.contract import ScoreRequest, TokenScores
 from megatron_opd.trainer import driver
+from megatron_opd.trainer.worker_group import ScoringGroup
 from tests.trainer.conftest import make_samples
 
 
 class FakeGroup:
     """Scores every token of a sample with a constant that names the group; records calls."""
 
-    def __init__(self, name: str, value: float, dp_size: int = 2) -> None:
-        self.name, self.value, self.dp_size = name, value, dp_size
+    def __init__(self, name: str, value: float) -> None:
+        self.name, self.value = name, value
         self.calls: list[dict[str, Any]] = []
 
-    def call_per_dp(self, method: str, per_dp: list[list[Any]], **kwargs: Any) -> list[dict]:
-        assert method == "score" and len(per_dp) == self.dp_size
-        self.calls.append({"uids": sorted(s.uid for part in per_dp for s in part), **kwargs})
-        out = []
-        for part in per_dp:
-            scores = {}
-            for s in part:
-                r = s.response_len
-                d = {"logp": torch.full((r,), self.value)}
-                if kwargs.get("top_k"):
-                    d["topk_ids"] = torch.zeros(r, kwargs["top_k"], dtype=torch.long)
-                    d["topk_logp"] = torch.full((r, kwargs["top_k"]), self.value)
-                if kwargs.get("ids_field"):
-                    d["ids_logp"] = torch.full((r, 3), self.value)
-                scores[s.uid] = d
-            out.append(scores)
-        return out
+    def score(self, samples: list[Any], request: ScoreRequest, ids: dict[int, Any] | None = None) -> dict:
+        self.calls.append({"uids": sorted(s.uid for s in samples), "top_k": request.top_k, "ids": ids})
+        scores = {}
+        for s in samples:
+            r, k = s.response_len, request.top_k
+            got = TokenScores(torch.full((r,), self.value))
+            if k:
+                got.topk_ids, got.topk_logp = torch.zeros(r, k, dtype=torch.long), torch.full((r, k), self.value)
+            if ids is not None:
+                got.ids_logp = torch.full(ids[s.uid].shape, self.value)
+            scores[s.uid] = got
+        return scores
 
 
 def test_each_sample_scored_by_its_teacher_and_reference() -> None:
     samples = make_samples(9, seed=0, teachers=("math", "code", "math"))
     groups = driver.Groups(
         student=FakeGroup("student", -9.0),
-        teachers={"math": FakeGroup("math", -1.0), "code": FakeGroup("code", -2.0, dp_size=3)},
+        teachers={"math": FakeGroup("math", -1.0), "code": FakeGroup("code", -2.0)},
         references={"math": FakeGroup("ref-math", -3.0), "code": FakeGroup("ref-code", -4.0)},
     )
     needs = Requirements(teacher_logp=True, reference="teacher_base", old_logp=True, support="teacher_topk", top_k=4)
-    driver.score(samples, groups, needs, metrics_top_k=5)
+    driver.score(samples, groups, needs.scoring_plan(metrics_top_k=5))
     expected = {"math": (-1.0, -3.0), "code": (-2.0, -4.0)}
     for s in samples:
         t, r = expected[s.teacher]
-        assert torch.all(s.teacher_logp == t) and torch.all(s.ref_logp == r)
-        assert torch.all(s.teacher_topk_logp == t) and s.teacher_topk_ids.shape == (s.response_len, 4)
-        assert torch.all(s.old_logp == -9.0)
+        assert torch.all(s.scores.teacher.logp == t) and torch.all(s.scores.reference.logp == r)
+        assert torch.all(s.scores.teacher.topk_logp == t) and s.scores.teacher.topk_ids.shape == (s.response_len, 4)
+        assert torch.all(s.scores.student.logp == -9.0)
     math_uids = sorted(s.uid for s in samples if s.teacher == "math")
     assert [c["uids"] for c in groups.teachers["math"].calls] == [math_uids]
     assert groups.teachers["code"].calls[0]["top_k"] == 4
@@ -63,23 +61,59 @@ def test_nothing_extra_is_computed() -> None:
     samples = make_samples(4, seed=1)
     student, teacher = FakeGroup("student", -9.0), FakeGroup("default", -1.0)
     groups = driver.Groups(student=student, teachers={"default": teacher}, references={})
-    driver.score(samples, groups, Requirements(teacher_logp=True))
-    assert student.calls == [] and teacher.calls[0]["top_k"] == 0 and teacher.calls[0]["ids_field"] is None
-    driver.score(samples, groups, Requirements(teacher_logp=True), metrics_top_k=3)  # overlap metric only
+    driver.score(samples, groups, Requirements(teacher_logp=True).scoring_plan())
+    assert student.calls == [] and teacher.calls[0]["top_k"] == 0 and teacher.calls[0]["ids"] is None
+    driver.score(samples, groups, Requirements(teacher_logp=True).scoring_plan(metrics_top_k=3))  # overlap metric
     assert teacher.calls[1]["top_k"] == 3 and student.calls == []
-    assert all(s.ref_logp is None and s.old_logp is None for s in samples)
+    assert all(s.scores.reference is None and s.scores.student is None for s in samples)
 
 
 def test_student_topk_support_round_trip() -> None:
     samples = make_samples(4, seed=2)
     student, teacher = FakeGroup("student", -9.0), FakeGroup("default", -1.0)
     groups = driver.Groups(student=student, teachers={"default": teacher}, references={})
-    driver.score(samples, groups, Requirements(teacher_logp=True, support="student_topk", top_k=3), metrics_top_k=5)
+    needs = Requirements(teacher_logp=True, support="student_topk", top_k=3)
+    driver.score(samples, groups, needs.scoring_plan(metrics_top_k=5))
     assert student.calls[0]["top_k"] == 3  # the student's top-K first ...
-    assert teacher.calls[0]["ids_field"] == "student_topk_ids"  # ... then the teacher scores at those ids
+    at = teacher.calls[0]["ids"]  # ... then the teacher scores at those ids
+    assert sorted(at) == [s.uid for s in samples] and all(at[s.uid] is s.scores.student.topk_ids for s in samples)
     assert teacher.calls[0]["top_k"] == 3  # and gives its own top-K, for the overlap metric
-    assert all(s.teacher_ids_logp is not None and s.student_topk_ids is not None for s in samples)
-    assert all(s.teacher_topk_ids.shape == (s.response_len, 3) for s in samples)
+    assert all(s.scores.teacher.ids_logp is not None and s.scores.student.topk_ids is not None for s in samples)
+    assert all(s.scores.teacher.topk_ids.shape == (s.response_len, 3) for s in samples)
+
+
+class FakeActor:
+    """A rank's actor whose ``score.remote`` answers at once: constant scores of the samples it was given."""
+
+    def __init__(self, dp_rank: int, seen: list) -> None:
+        self.dp_rank, self.seen = dp_rank, seen
+        self.score = self
+
+    def remote(self, part: list[Any], request: ScoreRequest, ids: dict | None) -> dict:
+        self.seen.append((self.dp_rank, [s.uid for s in part], None if ids is None else sorted(ids)))
+        return {s.uid: TokenScores(torch.full((s.response_len,), float(self.dp_rank))) for s in part}
+
+
+def test_scoring_group_balances_over_dp_ranks_and_merges() -> None:
+    """``ScoringGroup.score`` gives each DP rank its share (with the ids of its own samples only) and merges the
+    output ranks' results by uid."""
+    from megatron_opd.trainer.batch import split_for_data_parallel
+
+    seen: list = []
+    group = ScoringGroup.__new__(ScoringGroup)
+    group.name, group.residency, group.dp_size = "teacher/code", None, 3
+    group.actors = [FakeActor(d, seen) for d in range(3)]
+    group.ranks = [SimpleNamespace(dp_rank=d) for d in range(3)]
+    group.output_rank = {d: d for d in range(3)}
+    group._get = lambda refs, method: refs
+    samples = make_samples(8, seed=4)
+    ids = {s.uid: torch.zeros(s.response_len, 2, dtype=torch.long) for s in samples}
+    got = group.score(samples, ScoreRequest(at_ids=True), ids)
+    parts = split_for_data_parallel(samples, 3)
+    assert seen == [(d, [s.uid for s in parts[d]], sorted(s.uid for s in parts[d])) for d in range(3)]
+    assert sorted(got) == [s.uid for s in samples]
+    assert all(torch.all(got[s.uid].logp == d) for d in range(3) for s in parts[d])
+    assert group.score([], ScoreRequest()) == {} and len(seen) == 3  # nothing to score: no call
 
 
 class RecordingGroup:
@@ -88,8 +122,11 @@ class RecordingGroup:
     def __init__(self, name: str, offload_when_idle: bool, log: list[str]) -> None:
         self.name, self.offload_when_idle, self.log = name, offload_when_idle, log
 
-    def call_now(self, method: str) -> None:
-        self.log.append(f"{self.name}.{method}")
+    def offload(self) -> None:
+        self.log.append(f"{self.name}.offload")
+
+    def onload(self) -> None:
+        self.log.append(f"{self.name}.onload")
 
 
 def test_colocated_groups_take_turns_on_the_gpus() -> None:
@@ -126,7 +163,7 @@ class FakeEngine:
 
 
 def test_seqkd_responses_come_from_each_prompts_teacher() -> None:
-    """SFT (OBJECTIVES §7) trains on teacher-written responses: with ``writers`` each prompt's own teacher
+    """SFT (docs/objectives.md §7) trains on teacher-written responses: with ``writers`` each prompt's own teacher
     generates, the student's engine does not."""
     from megatron_opd.config.schema import OPDConfig, TeacherConfig
     from megatron_opd.data.dataset import PromptSample

@@ -11,6 +11,7 @@ import torch
 
 from megatron_opd.models.tiny import save_tiny_model, tiny_config
 from megatron_opd.platform.spawn import spawn_world
+from megatron_opd.scoring.contract import ScoreRequest
 from megatron_opd.trainer.batch import split_for_data_parallel
 from tests.tolerance import forward_atol
 from tests.trainer.conftest import VOCAB, hf_scores, make_samples, worker_spec
@@ -25,7 +26,7 @@ def _score(spec, samples, top_k):
     worker = ModelWorker(spec, rank, torch.distributed.get_world_size())
     info = worker.setup("127.0.0.1", 0)
     parts = split_for_data_parallel(samples, info.dp_size)
-    return info, worker.score(parts[info.dp_rank], top_k=top_k)
+    return info, worker.score(parts[info.dp_rank], ScoreRequest(top_k=top_k))
 
 
 @pytest.mark.slow
@@ -53,7 +54,7 @@ def test_scores_match_transformers_float64(tmp_path, moe: bool, tp: int, ep: int
         # Megatron against transformers, both fp32 forwards on the same weights (log-softmax in float64 on the
         # transformers side): a forward pass's rounding at the scale of the log-probs (this model's logits are far
         # smaller than log V)
-        atol = forward_atol(torch.cat([r["logp"], r["topk_logp"].flatten()]))
-        torch.testing.assert_close(g["logp"].double(), r["logp"], atol=atol, rtol=0)
-        torch.testing.assert_close(g["topk_logp"].double(), r["topk_logp"], atol=atol, rtol=0)
-        assert torch.equal(g["topk_ids"], r["topk_ids"])
+        atol = forward_atol(torch.cat([r.logp, r.topk_logp.flatten()]))
+        torch.testing.assert_close(g.logp.double(), r.logp, atol=atol, rtol=0)
+        torch.testing.assert_close(g.topk_logp.double(), r.topk_logp, atol=atol, rtol=0)
+        assert torch.equal(g.topk_ids, r.topk_ids)

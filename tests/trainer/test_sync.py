@@ -18,18 +18,22 @@ WEIGHTS = [("model.norm.weight", torch.ones(2))]
 
 
 class Student:
+    """The student group's weight export, recorded."""
+
     def __init__(self, hostname: str, fail: bool = False) -> None:
         self.ranks = [types.SimpleNamespace(hostname=hostname)]
         self.fail, self.calls = fail, []
 
-    def call(self, method: str, *args: Any) -> list[Any]:
-        self.calls.append((method, *args))
-        if method == "save_hf_weights":
-            if self.fail:
-                raise RuntimeError("disk full")
-            (Path(args[0]) / "model.safetensors").write_bytes(b"x")
-            return [1, None]
-        return [WEIGHTS, None]
+    def save_hf_weights(self, out_dir: str, tokenizer_dir: str) -> int:
+        self.calls.append(("save_hf_weights", out_dir, tokenizer_dir))
+        if self.fail:
+            raise RuntimeError("disk full")
+        (Path(out_dir) / "model.safetensors").write_bytes(b"x")
+        return 1
+
+    def export_hf_tensors(self) -> list[Any]:
+        self.calls.append(("export_hf_tensors",))
+        return WEIGHTS
 
 
 class Engine:

@@ -11,6 +11,7 @@ import torch
 
 from megatron_opd.models.tiny import save_tiny_model, tiny_config
 from megatron_opd.platform.spawn import spawn_world
+from megatron_opd.scoring.contract import ScoreRequest, TokenScores
 from megatron_opd.trainer.batch import split_for_data_parallel
 from tests.tolerance import FORWARD_ULPS, metric_atol
 from tests.trainer.conftest import VOCAB, hf_scores, make_samples, worker_spec
@@ -36,9 +37,10 @@ def _train(student: str, samples, objectives: dict[str, dict], tp: int, dp: int,
         worker = ModelWorker(worker_spec(student, tp=tp, dp=dp, trainable=True, **kw), rank, world)
         info = worker.setup("127.0.0.1", 0)
         mine = split_for_data_parallel(samples, info.dp_size)[info.dp_rank]
-        before = worker.score(mine)
+        before = worker.score(mine, ScoreRequest())
         metrics = [worker.train_step(mine) for _ in range(steps)]
-        after = worker.score(mine)
+        metrics = [None if m is None else m.as_dict() for m in metrics]
+        after = worker.score(mine, ScoreRequest())
         out[name] = (info, metrics, before, after)
     return out
 
@@ -53,9 +55,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, list]:
     samples = make_samples(6, seed=11)
     t, r = hf_scores(teacher, samples, TOP_K), hf_scores(ref, samples)
     for s in samples:
-        s.teacher_logp = t[s.uid]["logp"].float()
-        s.teacher_topk_ids, s.teacher_topk_logp = t[s.uid]["topk_ids"], t[s.uid]["topk_logp"].float()
-        s.ref_logp = r[s.uid]["logp"].float()
+        s.scores.teacher = TokenScores(t[s.uid].logp.float(), t[s.uid].topk_ids, t[s.uid].topk_logp.float())
+        s.scores.reference = TokenScores(r[s.uid].logp.float())
     return student, samples
 
 
@@ -104,11 +105,11 @@ def test_updates_move_student_toward_teacher(runs: dict[str, dict], setup: tuple
     assert all(torch.isfinite(torch.tensor(m["train/loss"])) for m in metrics)
     assert all(m["train/skipped_updates"] == 0 for m in metrics)
     if objective == "sft":  # cross-entropy on the labels falls
-        nll = {k: -torch.cat([d[s.uid]["logp"] for s in samples]).mean() for k, d in (("b", before), ("a", after))}
+        nll = {k: -torch.cat([d[s.uid].logp for s in samples]).mean() for k, d in (("b", before), ("a", after))}
         assert nll["a"] < nll["b"] - 0.05
         return
     gap = {
-        k: torch.cat([(d[s.uid]["logp"] - s.teacher_logp).abs() for s in samples]).mean()
+        k: torch.cat([(d[s.uid].logp - s.scores.teacher.logp).abs() for s in samples]).mean()
         for k, d in (("b", before), ("a", after))
     }
     assert gap["a"] < gap["b"], gap

@@ -75,7 +75,7 @@ def student(models: tuple[Path, Path]) -> Iterator[Any]:
     import ray
 
     from megatron_opd.trainer.worker import WorkerSpec
-    from megatron_opd.trainer.worker_group import Placement, WorkerGroup, ensure_ray
+    from megatron_opd.trainer.worker_group import Placement, StudentGroup, ensure_ray
 
     ensure_ray()
     spec = WorkerSpec(
@@ -83,7 +83,7 @@ def student(models: tuple[Path, Path]) -> Iterator[Any]:
         model=ModelConfig(str(models[0]), ParallelConfig(tensor_model_parallel_size=2)),
         load_from=str(models[0]),
     )
-    group = WorkerGroup(spec, Placement(None), timeout_s=600)
+    group = StudentGroup(spec, Placement(None), timeout_s=600)
     yield group
     group.shutdown()
     ray.shutdown()
@@ -102,10 +102,13 @@ def test_student_rank0_broadcasts_from_its_node(
         client, "post_json", lambda url, path, body, t: posts.append((path, body)) or post(url, path, body, t)
     )
     called: list[str] = []
-    call = type(student).call
-    monkeypatch.setattr(
-        type(student), "call", lambda self, method, *a, **k: called.append(method) or call(self, method, *a, **k)
-    )
+    for method in ("export_hf_tensors", "save_hf_weights", "broadcast_weights"):
+        original = getattr(type(student), method)
+        monkeypatch.setattr(
+            type(student),
+            method,
+            lambda self, *a, _m=method, _f=original, **k: called.append(_m) or _f(self, *a, **k),
+        )
 
     cfg = OPDConfig()
     cfg.student.path = str(models[0])

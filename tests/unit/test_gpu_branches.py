@@ -71,13 +71,13 @@ def test_transformer_config_on_cuda(cuda, monkeypatch: pytest.MonkeyPatch) -> No
 
 
 def _student_worker() -> tuple:
-    """A ModelWorker holding autospec fakes of megatron's DDP buffers and optimizer."""
+    """The student's state holding autospec fakes of megatron's DDP buffers and optimizer."""
     from megatron.core.distributed.param_and_grad_buffer import _ParamAndGradBuffer
     from megatron.core.optimizer.optimizer import MegatronOptimizer
 
-    from megatron_opd.trainer.worker import ModelWorker
+    from megatron_opd.trainer.student import StudentState
 
-    worker = ModelWorker.__new__(ModelWorker)
+    worker = StudentState.__new__(StudentState)
     buffers = [mock.create_autospec(_ParamAndGradBuffer, instance=True) for _ in range(3)]
     for b in buffers:  # set in __init__: the distributed optimizer's buffers hold their parameters' storage
         b.param_data, b.params = torch.zeros(4), [torch.nn.Parameter(torch.zeros(4))]
@@ -100,10 +100,10 @@ def test_student_offload_and_onload_use_megatrons_rl_hooks(cuda) -> None:
 
 
 def test_frozen_model_offload_moves_the_module(cuda) -> None:
-    from megatron_opd.trainer.worker import ModelWorker
+    from megatron_opd.scoring.scorer import ScoringModel
 
-    worker = ModelWorker.__new__(ModelWorker)
-    worker.optimizer, worker.model = None, mock.create_autospec(torch.nn.Module, instance=True)
+    worker = ScoringModel.__new__(ScoringModel)
+    worker.model = mock.create_autospec(torch.nn.Module, instance=True)
     worker.offload()
     worker.onload()
     assert worker.model.method_calls == [mock.call.cpu(), mock.call.cuda()] and cuda.empty_cache == 1
@@ -118,11 +118,11 @@ def test_offload_is_a_no_op_without_cuda(monkeypatch: pytest.MonkeyPatch) -> Non
 
 
 def test_checkpoint_keeps_the_cuda_generator(cuda, monkeypatch: pytest.MonkeyPatch) -> None:
-    from megatron_opd.trainer import checkpoint
+    from megatron_opd.trainer import student_checkpoint
 
     state = torch.arange(16, dtype=torch.uint8)
     monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": state)
-    rng = checkpoint._rng_state()
+    rng = student_checkpoint._rng_state()
     assert rng["cuda"] is state and torch.equal(rng["cpu"], torch.get_rng_state())
 
 
@@ -208,6 +208,7 @@ def test_worker_groups_are_placed_on_gpu_bundles(cuda, monkeypatch: pytest.Monke
 
 def _train_in(dtype: str, student: str, samples: list, steps: int) -> tuple[str, list[dict], dict, dict]:
     """Optimizer class, per-step metrics, and per-sample log-probs before and after the steps."""
+    from megatron_opd.scoring.contract import ScoreRequest
     from megatron_opd.trainer.worker import ModelWorker
     from tests.trainer.conftest import worker_spec
 
@@ -215,16 +216,16 @@ def _train_in(dtype: str, student: str, samples: list, steps: int) -> tuple[str,
     spec = dataclasses.replace(spec, model=dataclasses.replace(spec.model, dtype=dtype))
     worker = ModelWorker(spec, 0, 1)
     worker.setup("127.0.0.1", 0)
-    opt = worker.optimizer.chained_optimizers[0]
-    params = {p.dtype for p in worker._unwrapped().parameters()}
+    opt = worker.student.optimizer.chained_optimizers[0]
+    params = {p.dtype for p in worker.student.module.parameters()}
     main = {p.dtype for group in opt.shard_fp32_from_float16_groups for p in group}
     kind = f"{type(opt).__name__} params {sorted(map(str, params))} main {sorted(map(str, main))}"
 
     def logps() -> dict[int, list[float]]:  # plain lists: tensors would be shared with the exiting process
-        return {uid: d["logp"].tolist() for uid, d in worker.score(samples).items()}
+        return {uid: d.logp.tolist() for uid, d in worker.score(samples, ScoreRequest()).items()}
 
     before = logps()
-    metrics = [worker.train_step(samples) for _ in range(steps)]
+    metrics = [worker.train_step(samples).as_dict() for _ in range(steps)]
     return kind, metrics, before, logps()
 
 
@@ -235,6 +236,7 @@ def test_bf16_student_trains_with_fp32_main_weights(tmp_path) -> None:
     (loss and gradient norm within BF16_ULPS bf16 ulps, relative) and updates move it toward the teacher."""
     from megatron_opd.models.tiny import save_tiny_model, tiny_config
     from megatron_opd.platform.spawn import spawn_world
+    from megatron_opd.scoring.contract import TokenScores
     from megatron_opd.selftest.models import BF16_ULPS
     from tests.tolerance import ulps
     from tests.trainer.conftest import VOCAB, hf_scores, make_samples
@@ -244,7 +246,7 @@ def test_bf16_student_trains_with_fp32_main_weights(tmp_path) -> None:
     save_tiny_model(teacher, tiny_config(vocab_size=VOCAB), seed=2, init_std=0.1)
     samples = make_samples(6, seed=11)
     for s in samples:
-        s.teacher_logp = hf_scores(teacher, [s])[s.uid]["logp"].float()
+        s.scores.teacher = TokenScores(hf_scores(teacher, [s])[s.uid].logp.float())
     (bf16,) = spawn_world(_train_in, 1, "bf16", student, samples, 4)
     (fp32,) = spawn_world(_train_in, 1, "fp32", student, samples, 1)
     optimizer, metrics, before, after = bf16
@@ -256,7 +258,7 @@ def test_bf16_student_trains_with_fp32_main_weights(tmp_path) -> None:
     for key in ("train/loss", "train/grad_norm"):
         assert metrics[0][key] == pytest.approx(fp32[1][0][key], rel=rel, abs=0), key
     gap = {
-        k: torch.cat([(torch.tensor(d[s.uid]) - s.teacher_logp).abs() for s in samples]).mean()
+        k: torch.cat([(torch.tensor(d[s.uid]) - s.scores.teacher.logp).abs() for s in samples]).mean()
         for k, d in (("before", before), ("after", after))
     }
     assert gap["after"] < gap["before"], gap

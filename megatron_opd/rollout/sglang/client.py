@@ -60,7 +60,8 @@ from megatron_opd.rollout.base import MEMORY_TAGS, Completion, RolloutError, Sam
 from megatron_opd.rollout.config import RolloutConfig
 from megatron_opd.rollout.disk_sync import new_weights_dir, write_hf_weights
 from megatron_opd.rollout.sglang import protocol
-from megatron_opd.rollout.sglang.launcher import ServerProcesses, check_gpus, sglang_server_commands
+from megatron_opd.rollout.sglang.cluster import launch_servers
+from megatron_opd.rollout.sglang.launcher import LaunchedServers
 from megatron_opd.rollout.sglang.weight_sync import DistributedWeightSync, LocalWeightSender, WeightSender
 
 logger = logging.getLogger(__name__)
@@ -181,18 +182,17 @@ class SGLangEngine:
         model_dir: str,
         *,
         eos_token_ids: Iterable[int] = (),
-        processes: ServerProcesses | None = None,
+        processes: LaunchedServers | None = None,
     ) -> None:
-        """``processes``: servers already started for ``model_dir``, handed over to the engine
-        (restarted on failure, stopped at shutdown) instead of launching ``sglang.num_servers``."""
+        """``processes``: servers already started for ``model_dir`` (:class:`ServerProcesses` on
+        this node, ``ClusterServers`` over several), handed over to the engine (restarted on
+        failure, stopped at shutdown) instead of launching ``sglang.num_servers``."""
         self.cfg, self.model_dir = cfg, str(model_dir)
         self.stop_token_ids = tuple(eos_token_ids)  # sent with every request besides the sampling's own
         s = cfg.sglang
         self.processes = processes
-        if self.processes is None and not s.urls:
-            check_gpus(s)
-            commands = sglang_server_commands(s, self.model_dir, seed=cfg.seed, memory_saver=cfg.offload_when_idle)
-            self.processes = ServerProcesses(commands, s.log_dir, s.health_timeout_s).start(s.startup_timeout_s)
+        if self.processes is None and not s.urls:  # on this node, or over the Ray cluster's GPU nodes
+            self.processes = launch_servers(s, self.model_dir, seed=cfg.seed, memory_saver=cfg.offload_when_idle)
         if self.processes is not None:
             self.servers = [Server(u, process=i) for i, u in enumerate(self.processes.urls)]
         else:

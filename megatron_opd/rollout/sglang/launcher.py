@@ -1,7 +1,8 @@
-"""Launching rollout servers as subprocesses: command construction, ports, logs, readiness, teardown.
+"""Launching rollout servers as subprocesses: placement, command construction, ports, logs, readiness, teardown.
 
-:func:`sglang_server_commands` builds ``python -m sglang.launch_server`` command lines (pure, so it
-is tested on machines without SGLang); :class:`ServerProcesses` runs any list of server commands
+:func:`place_servers` puts each server on a node and its GPUs (pure); :func:`sglang_server_commands`
+builds ``python -m sglang.launch_server`` command lines for the servers of one node (pure, so it is
+tested on machines without SGLang); :class:`ServerProcesses` runs any list of server commands
 (SGLang's, or ``opd serve`` in tests): one process group per server with its output in a log file,
 waits until each answers ``GET /health`` (a server that exits or stays silent past the timeout is
 an error quoting the end of its log), restarts one that died or hung (on the latest weights, given
@@ -10,7 +11,9 @@ as a new ``--model-path``), and stops them all (SIGTERM, then SIGKILL).
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import itertools
 import logging
 import os
 import signal
@@ -19,7 +22,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Protocol
 
 import requests
 
@@ -85,14 +90,71 @@ PORT_STRIDE = 10  # server i looks for its ports from base_port + i*PORT_STRIDE 
 SERVER_ENV = {"SGLANG_RETURN_ORIGINAL_LOGPROB": "false"}  # log-probs at the sampling temperature (sampler.py)
 
 
-def sglang_server_commands(
-    cfg: SGLangConfig, model_dir: str, *, seed: int, python: str = sys.executable, memory_saver: bool = False
-) -> list[ServerCommand]:
-    """The ``sglang.launch_server`` commands of ``cfg.num_servers`` servers on this node.
+@dataclasses.dataclass(frozen=True)
+class ServerPlacement:
+    """Where launched server ``index`` runs: node ``node`` (position in the order of the GPU nodes,
+    0: the driver's), on that node's GPUs ``base_gpu_id ... base_gpu_id + tp*dp - 1``."""
 
-    Server ``i`` gets an HTTP port and an NCCL port found free from ``base_port + 10*i`` on, GPUs
-    ``base_gpu_id + i*tp*dp ... + tp*dp - 1`` and random seed ``seed + i``. ``memory_saver``: with
-    ``--enable-memory-saver`` (needed to release memory between rollouts);
+    index: int
+    node: int
+    base_gpu_id: int
+
+
+def place_servers(cfg: SGLangConfig, gpus_per_node: Sequence[int]) -> list[ServerPlacement]:
+    """Server ``i`` takes the global GPUs ``base_gpu_id + i*tp*dp ...`` (``tp*dp`` of them), numbered
+    node after node (with 8 per node: global GPU ``g`` is local GPU ``g % 8`` of node ``g // 8``).
+
+    RolloutError when the nodes have too few GPUs, or when a server's GPUs would straddle two nodes
+    (one SGLang server runs on one node)."""
+    width = cfg.tp_size * cfg.dp_size
+    starts = list(itertools.accumulate(gpus_per_node, initial=0))  # global id of each node's first GPU
+    need = cfg.base_gpu_id + cfg.num_servers * width
+    if need > starts[-1]:
+        raise RolloutError(
+            f"launching {cfg.num_servers} SGLang server(s) with tp={cfg.tp_size} dp={cfg.dp_size} from GPU "
+            f"{cfg.base_gpu_id} needs {need} GPUs, the Ray cluster's GPU nodes have {starts[-1]} "
+            f"({list(gpus_per_node)} per node). Fix: lower rollout.sglang.num_servers / tp_size / dp_size / "
+            "base_gpu_id, add GPU nodes to the Ray cluster, or give running servers in rollout.sglang.urls."
+        )
+    placements = []
+    for i in range(cfg.num_servers):
+        first = cfg.base_gpu_id + i * width
+        node = bisect.bisect_right(starts, first) - 1
+        if first + width > starts[node + 1]:
+            raise RolloutError(
+                f"SGLang server {i} would take the global GPUs {first}..{first + width - 1}, across nodes {node} and "
+                f"{node + 1} ({list(gpus_per_node)} GPUs per node); a server runs on one node. Fix: make "
+                f"rollout.sglang.tp_size * dp_size ({width}) divide the GPUs per node and rollout.sglang.base_gpu_id "
+                f"({cfg.base_gpu_id}) a multiple of it, or lower rollout.sglang.num_servers."
+            )
+        placements.append(ServerPlacement(i, node, first - starts[node]))
+    return placements
+
+
+def one_node(cfg: SGLangConfig) -> list[ServerPlacement]:
+    """Every server on this node: server ``i`` on GPUs ``base_gpu_id + i*tp*dp ...``."""
+    return place_servers(cfg, [cfg.base_gpu_id + cfg.num_servers * cfg.tp_size * cfg.dp_size])
+
+
+def sglang_server_commands(
+    cfg: SGLangConfig,
+    model_dir: str,
+    *,
+    seed: int,
+    python: str = sys.executable,
+    memory_saver: bool = False,
+    placements: Sequence[ServerPlacement] | None = None,
+    host: str | None = None,
+    url_host: str | None = None,
+) -> list[ServerCommand]:
+    """The ``sglang.launch_server`` commands of the servers ``placements`` puts on one node
+    (default: all ``cfg.num_servers`` on this node, GPUs from ``base_gpu_id`` on).
+
+    Server ``i`` (its global index) is named ``sglang{i}``, gets an HTTP port and an NCCL port found
+    free on ``host`` from ``base_port + 10*i`` on, its placement's GPUs and random seed ``seed + i``,
+    so the same servers result wherever they are placed. ``host``: the address the servers bind
+    (default ``cfg.host``); ``url_host``: the one in their URLs (default ``host``). ``memory_saver``:
+    with ``--enable-memory-saver`` (needed to release memory between rollouts);
     ``cfg.deterministic_inference``: with ``--enable-deterministic-inference`` (SGLang honours the
     per-row ``sampling_seed`` only then). ``SGLANG_RETURN_ORIGINAL_LOGPROB`` is forced off: the
     servers report log-probs at the sampling temperature, as rollout correction needs.
@@ -104,41 +166,62 @@ def sglang_server_commands(
     ):
         if wanted and flag not in extra:
             extra.append(flag)
-    gpus = cfg.tp_size * cfg.dp_size
+    placements = placements or one_node(cfg)
+    host = host or cfg.host
     taken: set[int] = set()
     commands = []
-    for i in range(cfg.num_servers):
-        http_port, nccl_port = find_free_ports(cfg.host, cfg.base_port + i * PORT_STRIDE, 2, avoid=taken)
+    for p in placements:
+        http_port, nccl_port = find_free_ports(host, cfg.base_port + p.index * PORT_STRIDE, 2, avoid=taken)
         taken |= {http_port, nccl_port}
         command = [
             python, "-m", "sglang.launch_server",
             MODEL_FLAG, model_dir,
-            "--host", cfg.host,
+            "--host", host,
             "--port", str(http_port),
             "--tp-size", str(cfg.tp_size),
             "--dp-size", str(cfg.dp_size),
             "--mem-fraction-static", str(cfg.mem_fraction_static),
-            "--base-gpu-id", str(cfg.base_gpu_id + i * gpus),
+            "--base-gpu-id", str(p.base_gpu_id),
             "--nccl-port", str(nccl_port),
-            "--random-seed", str(seed + i),
+            "--random-seed", str(seed + p.index),
             *extra,
         ]  # fmt: skip
-        commands.append(ServerCommand(f"http://{cfg.host}:{http_port}", command, dict(SERVER_ENV), f"sglang{i}"))
+        url = f"http://{url_host or host}:{http_port}"
+        commands.append(ServerCommand(url, command, dict(SERVER_ENV), f"sglang{p.index}"))
     return commands
 
 
-def check_gpus(cfg: SGLangConfig) -> None:
-    """Launching needs ``num_servers * tp * dp`` GPUs from ``base_gpu_id`` on."""
+def check_gpus(cfg: SGLangConfig, placements: Sequence[ServerPlacement] | None = None) -> None:
+    """The servers ``placements`` puts on this node (default: all, from ``base_gpu_id`` on) need its
+    GPUs up to the last one's ``base_gpu_id + tp*dp``."""
     import torch
 
-    need = cfg.base_gpu_id + cfg.num_servers * cfg.tp_size * cfg.dp_size
+    placements = placements or one_node(cfg)
+    need = max(p.base_gpu_id for p in placements) + cfg.tp_size * cfg.dp_size
     have = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if need > have:
         raise RolloutError(
-            f"launching {cfg.num_servers} SGLang server(s) with tp={cfg.tp_size} dp={cfg.dp_size} from GPU "
-            f"{cfg.base_gpu_id} needs {need} GPUs, this node has {have}. Fix: lower rollout.sglang.num_servers "
-            "/ tp_size / dp_size, or give running servers in rollout.sglang.urls (on CPU use rollout.engine=hf)."
+            f"launching {len(placements)} SGLang server(s) with tp={cfg.tp_size} dp={cfg.dp_size} from GPU "
+            f"{placements[0].base_gpu_id} needs {need} GPUs, this node has {have}. Fix: lower "
+            "rollout.sglang.num_servers / tp_size / dp_size, or give running servers in rollout.sglang.urls (on CPU "
+            "use rollout.engine=hf)."
         )
+
+
+class LaunchedServers(Protocol):
+    """What the engine uses of the servers it launched: :class:`ServerProcesses` on one node, or
+    ``ClusterServers`` (``cluster.py``) over a Ray cluster's nodes. Servers by global index."""
+
+    @property
+    def urls(self) -> list[str]: ...
+
+    def restart(self, i: int, timeout_s: float, model_path: str | None = None) -> None: ...
+
+    def kill(self, i: int) -> None: ...
+
+    def log_tail(self, i: int) -> str: ...
+
+    def stop(self, grace_s: float = 10.0) -> None: ...
 
 
 class ServerProcesses:

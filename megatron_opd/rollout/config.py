@@ -21,27 +21,34 @@ def is_loopback(host: str) -> bool:
 
 @dataclasses.dataclass
 class SGLangConfig:
-    """SGLang servers: attached (``urls``) or launched by the project on this node's GPUs."""
+    """SGLang servers: attached (``urls``) or launched by the driver, on its node's GPUs or, when they
+    need more, over the GPU nodes of the run's Ray cluster (one Ray actor per node starts that
+    node's servers; docs/rollout.md)."""
 
     urls: list[str] = dataclasses.field(default_factory=list)  # attach to running servers
-    num_servers: int = 1  # launched when urls is empty; server i uses GPUs base_gpu_id + i*tp*dp ...
+    # launched when urls is empty; server i uses the GPUs base_gpu_id + i*tp*dp ..., numbered over the Ray
+    # cluster's GPU nodes (the driver's first; global GPU g: local GPU g % N of node g // N), never two nodes
+    num_servers: int = 1
     tp_size: int = 1
     dp_size: int = 1
     mem_fraction_static: float = 0.7
+    # where launched servers listen; over several nodes a loopback host means each node's Ray address and
+    # 0.0.0.0 every interface (URLs: the node's address); another address is refused there
     host: str = "127.0.0.1"
-    base_port: int = 30000  # first HTTP port tried; taken ports are skipped
-    base_gpu_id: int = 0
+    base_port: int = 30000  # first HTTP port tried (server i from base_port + 10*i, on its node); taken ones skipped
+    base_gpu_id: int = 0  # first GPU of server 0 (a global GPU number over several nodes)
     extra_args: list[str] = dataclasses.field(default_factory=list)  # appended to sglang.launch_server
     # SGLang honours the per-row sampling_seed only with --enable-deterministic-inference (batch-invariant
     # kernels, slower): launched servers get the flag, attached ones must report it in /server_info.
     deterministic_inference: bool = False
     health_timeout_s: float = 30.0  # GET /health runs a one-token generate; SGLang gives it up to 20 s
-    log_dir: str | None = None  # server logs (default: a temporary directory, printed at launch)
+    log_dir: str | None = None  # server logs, on each server's node (default: a temporary directory, printed at launch)
     startup_timeout_s: float = 900.0  # launch and each restart
     max_restarts: int = 2  # launched servers: restarts per server after a crash or hang before it is dropped
     concurrency_per_server: int = 4  # HTTP requests in flight per server (each of rollout.batch_size prompts)
     weight_sync: str = "disk"  # disk | distributed
-    weight_sync_dir: str | None = None  # disk: where the HF safetensors go (shared FS for remote servers)
+    # disk: where the HF safetensors go; a filesystem every server's node sees (required for a launch over nodes)
+    weight_sync_dir: str | None = None
     weight_sync_backend: str = "nccl"  # distributed: process-group backend (gloo for CPU tests)
     # distributed: where the broadcasting rank (the student's rank 0) hosts the group's TCP store;
     # None: the address of that rank's node, which every server must reach

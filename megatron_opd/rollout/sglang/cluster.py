@@ -251,7 +251,11 @@ class ClusterServers:
         _get(self._host(i).restart.remote(self.local[i], timeout_s, model_path), timeout_s + CALL_MARGIN_S)
 
     def kill(self, i: int) -> None:
-        _get(self._host(i).kill.remote(self.local[i]), CALL_MARGIN_S)
+        """SIGKILL server ``i`` on its node (logged, not raised, when its node's actor cannot be reached)."""
+        try:
+            _get(self._host(i).kill.remote(self.local[i]), CALL_MARGIN_S)
+        except RolloutError as e:
+            logger.warning("killing rollout server %d: %s", i, e)
 
     def log_tail(self, i: int) -> str:
         return _get(self._host(i).log_tail.remote(self.local[i]), CALL_MARGIN_S)

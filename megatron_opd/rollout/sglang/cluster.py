@@ -193,9 +193,11 @@ class ClusterServers:
         node (default: each node's actor's own)."""
         self.cfg, self.placements = cfg, placements
         self.hosts: dict[int, Any] = {}  # node position -> its NodeServers actor
-        per_node = collections.Counter(p.node for p in placements)
-        # global server index -> its index on its node
-        self.local = [[q.node for q in placements[:i]].count(p.node) for i, p in enumerate(placements)]
+        per_node: collections.Counter[int] = collections.Counter()
+        self.local: list[int] = []  # global server index -> its index on its node
+        for p in placements:
+            self.local.append(per_node[p.node])
+            per_node[p.node] += 1
         for node in sorted(per_node):
             self.hosts[node] = (
                 ray.remote(NodeServers)
@@ -270,7 +272,7 @@ class ClusterServers:
         for n, ref in refs.items():
             try:
                 _get(ref, grace_s + CALL_MARGIN_S)
-            except RolloutError as e:  # its node is gone, and its servers with it
+            except RolloutError as e:  # its actor (or its node) is gone: nothing left to ask
                 logger.warning("stopping the rollout servers of node %d: %s", n, e)
             ray.kill(self.hosts[n])
         self.hosts = {}

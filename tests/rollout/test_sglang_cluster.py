@@ -9,6 +9,7 @@ import contextlib
 import functools
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import psutil
 import pytest
@@ -16,6 +17,7 @@ import ray
 from ray.cluster_utils import Cluster
 
 from megatron_opd.config.errors import ConfigError
+from megatron_opd.convert.hf_io import HFCheckpointReader
 from megatron_opd.rollout.base import RolloutError
 from megatron_opd.rollout.config import SGLangConfig
 from megatron_opd.rollout.hf_engine import HFEngine
@@ -50,8 +52,8 @@ def gone(pids: list[int], timeout_s: float = 60.0) -> bool:
     return all(p.status() == psutil.STATUS_ZOMBIE for p in alive if p.is_running())
 
 
-def test_servers_on_two_nodes_generate_restart_on_their_node_and_stop(
-    two_nodes: Cluster, tol: float, dense_dir: Path, tmp_path: Path
+def test_servers_on_two_nodes_generate_sync_restart_on_their_node_and_stop(
+    two_nodes: Cluster, tol: float, dense_dir: Path, dense_dir_b: Path, tmp_path: Path
 ) -> None:
     cfg = config([])
     s = cfg.sglang
@@ -76,26 +78,35 @@ def test_servers_on_two_nodes_generate_restart_on_their_node_and_stop(
         assert actor_pids[0] != actor_pids[1] and all(
             "NodeServers" in " ".join(psutil.Process(a).cmdline()) for a in actor_pids
         )
+        # the loopback host became each node's Ray address; names (logs) are the global ones
+        assert [urlsplit(u).hostname for u in servers.urls] == [n.address for n in nodes]
         assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == ["sglang0.log", "sglang1.log"]
 
-        want = HFEngine(dense_dir, seed=0).generate(PROMPTS, SP)
-        same(engine.generate(PROMPTS, SP), want, tol)
+        same(engine.generate(PROMPTS, SP), HFEngine(dense_dir, seed=0).generate(PROMPTS, SP), tol)
         assert all(sv.completed for sv in engine.servers)  # both nodes served
+
+        engine.release_memory()  # a colocated step: memory released after the rollout, weights back for the sync,
+        engine.resume_memory(("weights",))  # disk sync through the shared directory, the rest before the rollout
+        engine.update_weights(HFCheckpointReader(dense_dir_b).items())
+        engine.resume_memory()
+        want_b = HFEngine(dense_dir_b, seed=0).generate(PROMPTS, SP)
+        same(engine.generate(PROMPTS, SP), want_b, tol)
 
         url = servers.urls[1]
         servers.kill(1)
-        same(engine.generate(PROMPTS, SP), want, tol)  # server 0 serves while server 1 restarts
+        same(engine.generate(PROMPTS, SP), want_b, tol)  # server 0 serves while server 1 restarts
         engine.wait_for_restarts()
         victim = engine.servers[1]
-        assert victim.up and victim.restarts == 1 and servers.urls[1] == url == victim.url
+        assert victim.up and victim.restarts == 1 and not victim.stale and servers.urls[1] == url == victim.url
         restarted = servers.pid(1)
-        assert restarted != pids[1] and psutil.Process(restarted).ppid() == actor_pids[1]  # on node 2's actor
-        alone = SGLangEngine(config([victim.url]), "unused")
-        same(alone.generate(PROMPTS, SP), want, tol)
+        assert restarted != pids[1] and psutil.Process(restarted).ppid() == actor_pids[1]  # by node 2's actor
+        alone = SGLangEngine(config([victim.url]), "unused")  # restarted on the latest weights
+        same(alone.generate(PROMPTS, SP), want_b, tol)
     finally:
         engine.shutdown()
     assert gone([*pids, restarted])
     assert servers.hosts == {} and gone(actor_pids)
+    assert list((tmp_path / "sync").iterdir()) == []
 
 
 def host_actors() -> list[psutil.Process]:

@@ -1,8 +1,8 @@
 """The student's step on the fused LM head (``trainer.fused_lm_head``: the loss from the output layer's input and
-weight, no logits tensor) equals the step through megatron's logits: at TP = 1 (untied and tied embeddings), TP = 2
-with sequence parallelism and PP = 2 with tied embeddings, the loss, the gradient of every parameter (the LM head /
-tied embedding included) after megatron's schedule, and a whole train step's metrics; and the student's scores
-(its log-probs, top-K and log-probs at given ids) agree."""
+weight, no logits tensor) equals the step through megatron's logits: at TP = 1 and TP = 2 with sequence parallelism
+(untied and tied embeddings each) and PP = 2 with tied embeddings, the loss, the gradient of every parameter (the LM
+head / tied embedding included) after megatron's schedule, and a whole train step's metrics; and the student's
+scores (its log-probs, top-K and log-probs at given ids) agree."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ LAYOUTS = {  # name: (world size, parallel layout, tied embeddings)
     "tp1": (1, ParallelConfig(), False),
     "tp1_tied": (1, ParallelConfig(), True),
     "tp2_sp": (2, ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True), False),
+    "tp2_sp_tied": (2, ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True), True),
     "pp2_tied": (2, ParallelConfig(pipeline_model_parallel_size=2), True),
 }
 

@@ -3,8 +3,10 @@ and MFU, optionally beside plain transformers on the same tokens.
 
 One rank (TP = PP = 1), random weights, the non-TE layer spec (SDPA; variable-length flash attention on a
 GPU; compiled RMSNorm / RoPE / SwiGLU with ``--fusion``), ``--seqs`` sequences of ``--seq-len`` tokens packed
-into one THD micro-batch, activation recomputation as asked, the loss of sampled-token OPD on top (the fused
-vocab-parallel log-prob kernel over the logits). MFU = model FLOPs (:mod:`megatron_opd.bench.flops`,
+into one THD micro-batch, activation recomputation as asked, the loss of sampled-token OPD on top: on the fused
+LM head (``--fused-lm-head on``, the trainer's default: ``kernels.linear_token_logprobs`` on the output layer's
+input and weight, no logits tensor) or the fused vocab-parallel log-prob kernel over megatron's logits
+(``off``). MFU = model FLOPs (:mod:`megatron_opd.bench.flops`,
 recomputation not counted) ÷ the median time of ``--repeats`` runs ÷ the device's dense matmul rate measured
 in the same run. The optimizer step (distributed Adam, spread over DP ranks) is not part of the timed work.
 
@@ -49,13 +51,14 @@ class Record(ModelRecord):
     """The JSON schema of ``--json``."""
 
     recompute: str
+    fused_lm_head: bool  # the loss from the output layer's input and weight, without logits
     time_ms: float  # median forward + backward
     tokens_per_s: float
     model_tflop: float  # per step
     achieved_tflops: float
     peak_tflops_measured: float
     mfu: float
-    peak_mem_bytes: int  # above the model's parameters (activations, logits, gradients)
+    peak_mem_bytes: int  # above the model's parameters (activations, logits if any, gradients)
     baseline: str | None = None  # "transformers": the same step in plain transformers, in the same run
     baseline_time_ms: float | None = None
     baseline_mfu: float | None = None
@@ -96,9 +99,21 @@ def free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def student_loss(model: torch.nn.Module, batch: PackedBatch, fused_lm_head: bool) -> torch.Tensor:
+    """The benchmark's loss, ``−mean ℓ_S`` over every token, on the fused LM head or on megatron's logits."""
+    from megatron_opd.kernels import linear_token_logprobs, token_logprobs
+    from megatron_opd.models.forward import model_forward, output_layer_input, output_weight
+
+    if fused_lm_head:
+        hidden = output_layer_input(model, model_forward(model, batch.inputs, hidden=True))
+        out = linear_token_logprobs(hidden.reshape(-1, hidden.shape[-1]), output_weight(model), batch.labels)
+    else:
+        logits = model_forward(model, batch.inputs)
+        out = token_logprobs(logits.reshape(-1, logits.shape[-1]), batch.labels)
+    return -out.label_logprob.float().mean()
+
+
 def run(args: argparse.Namespace) -> Record:
-    from megatron_opd.kernels import token_logprobs
-    from megatron_opd.models.forward import model_forward
 
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     init_single_rank()
@@ -108,10 +123,10 @@ def run(args: argparse.Namespace) -> Record:
     model.train()
     batch = packed_batch(hf_config.vocab_size, args.seq_len, args.seqs, device)
 
+    fused = args.fused_lm_head == "on"
+
     def step() -> None:
-        logits = model_forward(model, batch.inputs)
-        loss = -token_logprobs(logits.reshape(-1, logits.shape[-1]), batch.labels).label_logprob.float().mean()
-        loss.backward()
+        student_loss(model, batch, fused).backward()
         model.zero_grad(set_to_none=True)
 
     peak = matmul_peak_tflops(device, dtype)
@@ -120,6 +135,7 @@ def run(args: argparse.Namespace) -> Record:
     record = Record(
         **ModelRecord.common("student_step", args, hf_config, device),
         recompute=args.recompute,
+        fused_lm_head=fused,
         time_ms=ms,
         tokens_per_s=args.seq_len * args.seqs / (ms * 1e-3),
         model_tflop=flop / 1e12,
@@ -146,6 +162,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     add_model_args(p, "configs/models/Qwen3-1.7B", None, 8192, 2)
     p.add_argument("--recompute", default="full", choices=["none", "selective", "full"])
     p.add_argument(
+        "--fused-lm-head",
+        default="on",
+        choices=["on", "off"],
+        help="the loss from the output layer's input and weight without logits (the trainer's default), or "
+        "through megatron's logits",
+    )
+    p.add_argument(
         "--baseline",
         default="none",
         choices=["none", "transformers"],
@@ -161,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     rec = run(args)
     summary = (
         f"{rec.model} ({rec.layers} layers), {rec.seqs} x {rec.seq_len} tokens packed, recompute {rec.recompute}, "
-        f"{rec.dtype}: {rec.time_ms:.1f} ms fwd+bwd, {rec.tokens_per_s:,.0f} tokens/s, {rec.achieved_tflops:.1f} "
+        f"LM head {'fused' if rec.fused_lm_head else 'logits'}, {rec.dtype}: {rec.time_ms:.1f} ms fwd+bwd, {rec.tokens_per_s:,.0f} tokens/s, {rec.achieved_tflops:.1f} "
         f"TFLOP/s of {rec.peak_tflops_measured:.1f} measured: MFU {rec.mfu:.1%}, "
         f"peak memory {rec.peak_mem_bytes / 2**30:.2f} GiB"
     )

@@ -112,6 +112,14 @@ class ModelConfig:
     spec: str = "auto"  # auto | te | local
     recompute_granularity: str | None = None  # None | selective | full
     offload_when_idle: bool = False  # params to CPU while another group uses the GPUs
+    # the local spec's compiled RMSNorm / RoPE / SwiGLU (models/fusion.py): auto (on where CUDA is present) | true
+    # | false; the TE spec has its own fused kernels
+    fusion: str = "auto"
+
+    @property
+    def fusion_enabled(self) -> bool | None:
+        """``fusion`` as ``build_gpt_model`` takes it (None: auto)."""
+        return {"auto": None, "true": True, "false": False}[str(self.fusion).lower()]
 
     def validate(self, key: str) -> Any:
         """Checks and returns the model's HF config."""
@@ -125,6 +133,7 @@ class ModelConfig:
         check_choice(f"{key}.dtype", self.dtype, ("auto", "bf16", "fp32"))
         check_choice(f"{key}.spec", self.spec, ("auto", "te", "local"))
         check_choice(f"{key}.recompute_granularity", self.recompute_granularity, (None, "selective", "full"))
+        check_choice(f"{key}.fusion", str(self.fusion).lower(), ("auto", "true", "false"))
         try:
             hf_config = load_hf_config(model_hf_dir(self.path))
             check_supported(hf_config)
@@ -177,6 +186,9 @@ class TrainerConfig:
     max_tokens_per_microbatch: int = 8192
     sequence_packing: bool = True  # THD micro-batches (no padding compute); false: right-padded rows
     metrics_top_k: int = 8  # teacher top-K fetched for the overlap metric when the objective needs none (0: off)
+    # the student's loss and every model's scores from the output layer's input and weight, chunked, without a
+    # [tokens, V/TP] logits tensor or its gradient (kernels/linear*.py); false: through megatron's logits
+    fused_lm_head: bool = True
     save_every: int = 50
     keep_last: int = 2
     eval_every: int = 0  # 0: only before and after training

@@ -39,7 +39,9 @@ CHUNK_LOGIT_BYTES = 1 << 28  # logits of one chunk: 256 MiB (e.g. 883 tokens x 1
 
 
 def chunks(n: int, step: int) -> list[slice]:
-    return [slice(r0, min(r0 + step, n)) for r0 in range(0, n, step)]
+    """Consecutive slices of at most ``step`` of ``range(n)``; one empty slice when ``n`` is 0 (a rank's
+    micro-batch without response tokens still takes part in the TP collectives)."""
+    return [slice(r0, min(r0 + step, n)) for r0 in range(0, n, step)] or [slice(0, 0)]
 
 
 def default_chunk(other: int, elem: int, align: int = 1, budget: int = CHUNK_LOGIT_BYTES) -> int:

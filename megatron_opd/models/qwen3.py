@@ -176,6 +176,10 @@ def transformer_config_from_hf(
             moe_grouped_gemm=moe_grouped_gemm,
             moe_token_dispatcher_type=moe_token_dispatcher_type or ("alltoall" if cuda else "allgather"),
         )
+    elif overrides.get("variable_seq_lengths"):
+        # megatron checks a dense model's (unused) token dispatcher too: its default, allgather, refuses variable
+        # sequence lengths (pipeline parallelism over micro-batches of varying length)
+        fields["moe_token_dispatcher_type"] = "alltoall"
     fields.update(overrides)
     return TransformerConfig(**fields)
 

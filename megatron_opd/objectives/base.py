@@ -1,14 +1,15 @@
 """The objective interface the trainer calls (docs/objectives.md §1–§6).
 
 Per micro-batch the trainer hands over a :class:`~megatron_opd.objectives.inputs.TokenBatch`: the student's
-logits shard ``[N, V_local]`` (with grad), labels ``y_t``, the masks, and the scores the objective's
+logits shard ``[N, V_local]`` (with grad) — or, with the fused LM head, the rows ``[N, H]`` its output layer reads
+and that layer's weight shard, so that no logits tensor exists —, labels ``y_t``, the masks, and the scores the objective's
 :class:`~megatron_opd.objectives.inputs.Requirements` ask for (teacher/reference/old/rollout log-probs at
 ``y_t``, a top-K support with the teacher's log-probs on it). Calling the objective returns an
 :class:`ObjectiveOutput`: this micro-batch's scalar loss ``Σ_t w_t L_t`` (``w_t`` from
 ``aggregation.token_weights``) and metrics as (sum, count) pairs.
 
 The vocabulary-sized work is one pass of the student's kernels (``TokenBatch.student_logprobs``: one fused pass
-over the logits shard forward, one backward; ``ℓ_S``, entropy and the student's log-probs on the support), plus a
+over the logits shard — or over ``hidden @ W_shardᵀ`` one chunk at a time — forward, one backward; ``ℓ_S``, entropy and the student's log-probs on the support), plus a
 forward-only top-K for the top-K overlap metric; the rest is [N] / [N, K] torch math. No [N, V] fp32 tensor is
 built.
 

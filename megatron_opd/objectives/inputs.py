@@ -5,7 +5,9 @@ turns into the :class:`~megatron_opd.scoring.contract.ScoringPlan` the driver ru
 its :class:`~megatron_opd.scoring.contract.SampleScores` by source; :func:`token_batch` lays a micro-batch's
 samples out as a :class:`TokenBatch` in token order (the objective's names; the sample-level fields are named
 alike on the sample: ``response_mask``, ``rollout_logp``, ``outcome_reward``). The student's outputs join the
-batch once its forward has run (:meth:`TokenBatch.with_logits`).
+batch once its forward has run: its logits rows (:meth:`TokenBatch.with_logits`), or the rows its output layer
+reads and that layer's weight shard (:meth:`TokenBatch.with_hidden`: the fused LM head, no ``[N, V_local]``
+logits tensor). Either way the objective's formulas are the same; only the vocabulary pass differs.
 """
 
 from __future__ import annotations
@@ -18,7 +20,13 @@ import torch
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
-from megatron_opd.kernels import TokenLogprobs, token_logprobs, topk_logprobs
+from megatron_opd.kernels import (
+    TokenLogprobs,
+    linear_token_logprobs,
+    linear_topk_logprobs,
+    token_logprobs,
+    topk_logprobs,
+)
 from megatron_opd.scoring.contract import SampleScores, ScoreRequest, ScoringPlan, TokenScores
 
 
@@ -56,10 +64,12 @@ class Requirements:
 class TokenBatch:
     """One micro-batch's response tokens, flattened to ``N`` rows (all tensors on one device). Built before the
     student's forward (:func:`token_batch`); ``token_weight`` is set once the step's loss mask is counted, and
-    ``logits`` once the forward ran. The student's vocabulary passes go through :meth:`student_logprobs` and
-    :meth:`student_topk` only."""
+    ``logits`` (or ``hidden`` and ``output_weight``: the fused LM head) once the forward ran. The student's
+    vocabulary passes go through :meth:`student_logprobs` and :meth:`student_topk` only."""
 
     logits: Tensor | None = None  # [N, V_local] student logits, this TP rank's vocab shard, with grad
+    hidden: Tensor | None = None  # [N, H] the rows the student's output layer reads (fused LM head), with grad
+    output_weight: Tensor | None = None  # [V_local, H] this TP rank's shard of the student's LM head, with grad
     labels: Tensor  # [N] int64 sampled tokens y_t (global ids)
     response_mask: Tensor  # [N] 1 on response tokens, 0 on prompt/padding
     token_weight: Tensor | None = None  # [N] w_t from aggregation.token_weights on the final loss mask
@@ -90,21 +100,37 @@ class TokenBatch:
         """The batch with the student's logits rows ``[N, V_local]`` (with grad), once its forward ran."""
         return dataclasses.replace(self, logits=logits)
 
+    def with_hidden(self, hidden: Tensor, output_weight: Tensor) -> TokenBatch:
+        """The batch with the rows ``[N, H]`` the student's output layer reads and its weight shard ``[V_local, H]``
+        (both with grad), once its forward ran: the vocabulary passes then run on the fused LM head."""
+        return dataclasses.replace(self, hidden=hidden, output_weight=output_weight)
+
+    def _fused_head(self, why: str) -> tuple[Tensor, Tensor] | None:
+        """``(hidden, output_weight)`` for the fused LM head, or None when the batch holds logits."""
+        if self.logits is not None:
+            return None
+        hidden = require(self.hidden, "logits or TokenBatch.hidden", why)
+        return hidden, require(self.output_weight, "output_weight", why)
+
     def student_logprobs(self, labels: Tensor, ids: Tensor | None, temperature: float) -> TokenLogprobs:
         """The objective's one pass over the student's vocabulary shard: ``ℓ_S`` at ``labels``, the entropy and
-        the log-probs at ``ids`` (``-1``: skipped), with autograd."""
-        logits = require(self.logits, "logits", "the loss (set by the trainer after the student's forward)")
-        return token_logprobs(
-            logits, labels, ids, temperature=temperature, tp_group=self.tp_group, vocab_start=self.vocab_start
-        )
+        the log-probs at ``ids`` (``-1``: skipped), with autograd (w.r.t. the logits, or the hidden rows and the
+        LM head's weight)."""
+        kw = dict(temperature=temperature, tp_group=self.tp_group, vocab_start=self.vocab_start)
+        fused = self._fused_head("the loss (set by the trainer after the student's forward)")
+        if fused is None:
+            return token_logprobs(self.logits, labels, ids, **kw)
+        return linear_token_logprobs(*fused, labels, ids, **kw)
 
     def student_topk(self, k: int, temperature: float) -> Tensor:
         """The student's top-``k`` ids ``[N, k]`` (forward only)."""
-        logits = require(self.logits, "logits", "the top-K overlap metric")
-        ids, _ = topk_logprobs(
-            logits.detach(), k, temperature=temperature, tp_group=self.tp_group, vocab_start=self.vocab_start
-        )
-        return ids
+        kw = dict(temperature=temperature, tp_group=self.tp_group, vocab_start=self.vocab_start)
+        fused = self._fused_head("the top-K overlap metric")
+        if fused is None:
+            return topk_logprobs(self.logits.detach(), k, **kw)[0]
+        hidden, weight = fused
+        no_labels = torch.full((hidden.shape[0],), -1, dtype=torch.long, device=hidden.device)
+        return linear_topk_logprobs(hidden.detach(), weight.detach(), no_labels, k, **kw).ids
 
 
 class ScoredSample(Protocol):

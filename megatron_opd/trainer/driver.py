@@ -220,6 +220,7 @@ def build_groups(cfg: OPDConfig, tokenizer: Any, objective: Objective) -> Groups
         sequence_packing=cfg.trainer.sequence_packing,
         pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
         temperature=cfg.rollout.temperature,
+        fused_lm_head=cfg.trainer.fused_lm_head,
     )
     specs: list[WorkerSpec] = [
         WorkerSpec(

@@ -43,14 +43,18 @@ class StudentState:
         groups: ProcessGroupCollection,
         clip_grad: float,
         mini_batches_per_step: int,
+        fused_lm_head: bool,
         hf_config: Any,
         rank: int,
     ) -> None:
         self.model, self.optimizer, self.scheduler, self.objective = model, optimizer, scheduler, objective
         self.batching, self.groups, self.rank = batching, groups, rank
         self.clip_grad, self.mini_batches_per_step = clip_grad, mini_batches_per_step
+        self.fused_lm_head = fused_lm_head  # loss and scores from the output layer's input and weight, no logits
         self.hf_config = hf_config  # the HF description of the model (recorded in checkpoints)
-        self.scorer = ScoringModel(model, batching=batching, temperature=objective.temperature, groups=groups)
+        self.scorer = ScoringModel(
+            model, batching=batching, temperature=objective.temperature, groups=groups, fused_lm_head=fused_lm_head
+        )
         self._host_params: list[torch.nn.Parameter] = []  # offloaded parameters outside the DDP buffers
 
     @classmethod
@@ -65,12 +69,14 @@ class StudentState:
         mini_batches_per_step: int,
         batching: MicroBatching,
         groups: ProcessGroupCollection,
+        fused_lm_head: bool,
         hf_config: Any,
         rank: int,
     ) -> StudentState:
         """Wrap the freshly loaded ``model`` (a ``GPTModel`` with parameters in ``dtype``) in Megatron's DDP and
         give it Megatron's optimizer (Adam; distributed when ``optim.use_distributed_optimizer``) and LR schedule
-        over ``total_steps × mini_batches_per_step`` updates."""
+        over ``total_steps × mini_batches_per_step`` updates. ``fused_lm_head``: the loss and the student's scores
+        from its output layer's input and weight, without logits (``trainer.fused_lm_head``)."""
         from megatron.core.distributed import (
             DistributedDataParallel,
             DistributedDataParallelConfig,
@@ -125,6 +131,7 @@ class StudentState:
             groups=groups,
             clip_grad=optim.clip_grad,
             mini_batches_per_step=mini_batches_per_step,
+            fused_lm_head=fused_lm_head,
             hf_config=hf_config,
             rank=rank,
         )

@@ -6,7 +6,11 @@ student's state: ``trainer.student.StudentState``).
    samples and their scores); the objective's final loss mask ``M_t`` per token; global token/sequence counts
    over all micro-batches and DP ranks; per-token weights ``w_t`` so each micro-batch's loss ``Σ w_t L_t``
    adds up to the global-batch loss (docs/objectives.md, Notation: aggregation over the whole global batch).
-3. Megatron's schedule runs forward/backward with the objective as loss function. megatron divides
+3. Megatron's schedule runs forward/backward with the objective as loss function: on the fused LM head
+   (``trainer.fused_lm_head``, the default) the last stage's forward stops before the output layer and the
+   objective's vocabulary pass reads the response rows of its input and its weight shard
+   (``kernels.linear_token_logprobs``), so no ``[tokens, V/TP]`` logits tensor or gradient exists; otherwise it
+   reads the response rows of the logits. megatron divides
    each micro-batch loss by the number of micro-batches and DDP averages gradients over DP, so the
    loss handed back is multiplied by both to keep the gradient of the global loss.
 4. Non-finite losses or gradient norm anywhere in the group, or a mini-batch without a single
@@ -29,7 +33,7 @@ import torch.distributed as dist
 from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 from torch import Tensor
 
-from megatron_opd.models.forward import model_forward, run_schedule
+from megatron_opd.models.forward import model_forward, output_layer_input, output_weight, run_schedule
 from megatron_opd.objectives.aggregation import global_counts, local_counts, token_weights
 from megatron_opd.objectives.base import Objective
 from megatron_opd.objectives.inputs import TokenBatch
@@ -54,6 +58,7 @@ class TrainingState(Protocol):
     groups: ProcessGroupCollection
     clip_grad: float  # 0: no clipping
     mini_batches_per_step: int
+    fused_lm_head: bool  # the loss from the output layer's input and weight, without logits
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,22 +90,30 @@ def split_mini_batches(samples: list[Sample], n: int) -> list[list[Sample]]:
 
 
 class MiniBatchLoss:
-    """The schedule's forward step for one mini-batch: the objective as loss function, scaled for
-    megatron's averaging, with non-finite losses flagged (zeroed, so backward stays finite)."""
+    """The schedule's forward step for one mini-batch: the objective as loss function (on the fused LM head with
+    ``fused_lm_head``), scaled for megatron's averaging, with non-finite losses flagged (zeroed, so backward stays
+    finite)."""
 
-    def __init__(self, objective: Objective, scale: int, device: str) -> None:
-        self.objective, self.scale, self.device = objective, scale, device
+    def __init__(self, objective: Objective, scale: int, device: str, fused_lm_head: bool) -> None:
+        self.objective, self.scale, self.device, self.fused_lm_head = objective, scale, device, fused_lm_head
         self.bad = torch.zeros(1, device=device)
         self.loss = torch.zeros((), dtype=torch.float64)
 
+    def student_outputs(self, model: torch.nn.Module, out: Tensor, mb: MicroBatch, batch: TokenBatch) -> TokenBatch:
+        """``batch`` with the last stage's output rows of ``mb``'s response tokens: logits, or the output layer's
+        input and weight."""
+        if self.fused_lm_head:
+            return batch.with_hidden(response_rows(output_layer_input(model, out), mb), output_weight(model))
+        return batch.with_logits(response_rows(out, mb))
+
     def __call__(self, model: torch.nn.Module, item: tuple[MicroBatch, TokenBatch]) -> tuple[Tensor, Any]:
         mb, batch = item
-        output = model_forward(model, mb.model_inputs(self.device))
+        output = model_forward(model, mb.model_inputs(self.device), hidden=self.fused_lm_head)
 
         def loss_fn(out: Tensor) -> tuple[Tensor, Metrics]:
             if mb.num_tokens == 0:  # padding micro-batch (expert-parallel alignment): no loss, no metrics
                 return out.sum() * 0.0, {}
-            result = self.objective(batch.to(self.device).with_logits(response_rows(out, mb)))
+            result = self.objective(self.student_outputs(model, out, mb, batch.to(self.device)))
             if torch.isfinite(result.loss):
                 loss = result.loss
                 self.loss += result.loss.detach().double().cpu()
@@ -132,11 +145,40 @@ def _with_common_keys(metrics: Metrics, group: dist.ProcessGroup) -> Metrics:
     return {n: metrics.get(n, (zero, zero)) for n in sorted(set().union(*names))}
 
 
+def accumulate_gradients(
+    state: TrainingState, mini: list[Sample], device: str
+) -> tuple[MiniBatchLoss, list[Metrics]] | None:
+    """Forward and backward of one mini-batch (steps 2–3): the gradient of its part of the global-batch loss in
+    the model's gradient buffers, the loss step (its summed loss, its non-finite flag) and the last stage's
+    metrics; ``None`` when no response token is left unmasked on any DP rank."""
+    objective, groups = state.objective, state.groups
+    mbs = state.batching.split(mini, groups, at_least_one=True)
+    batches = [objective.token_batch(mb.samples, mb.labels, mb.seq_index, groups.tp) for mb in mbs]
+    masks = [
+        objective.loss_mask(
+            b.response_mask, b.labels, old_logp=b.old_logp, rollout_logp=b.rollout_logp, seq_index=b.seq_index
+        )
+        for b in batches
+    ]
+    counts = global_counts([local_counts(m, b.seq_index) for m, b in zip(masks, batches)], group=groups.dp)
+    if counts.tokens == 0:
+        return None
+    mode = objective.cfg.loss_agg_mode
+    batches = [
+        dataclasses.replace(b, token_weight=token_weights(m, b.seq_index, counts, mode)) for m, b in zip(masks, batches)
+    ]
+    step = MiniBatchLoss(objective, len(mbs) * dist.get_world_size(groups.dp), device, state.fused_lm_head)
+    state.model.zero_grad_buffer()
+    state.optimizer.zero_grad()
+    shape = tuple(mbs[0].input_ids.shape)
+    return step, run_schedule(state.model, list(zip(mbs, batches)), step, forward_only=False, shape=shape)
+
+
 def train_step(state: TrainingState, samples: list[Sample]) -> TrainMetrics | None:
     """One optimizer step per mini-batch over this DP rank's scored ``samples``; the metrics on the output ranks
     (``None`` on the others)."""
-    model, optimizer, objective, groups = state.model, state.optimizer, state.objective, state.groups
-    dp_group, dp_size = groups.dp, dist.get_world_size(groups.dp)
+    model, optimizer, groups = state.model, state.optimizer, state.groups
+    dp_group = groups.dp
     last_stage = is_last_stage(groups)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.train()
@@ -145,28 +187,11 @@ def train_step(state: TrainingState, samples: list[Sample]) -> TrainMetrics | No
     grad_norms: list[float] = []
     skipped = 0
     for mini in split_mini_batches(samples, state.mini_batches_per_step):
-        mbs = state.batching.split(mini, groups, at_least_one=True)
-        batches = [objective.token_batch(mb.samples, mb.labels, mb.seq_index, groups.tp) for mb in mbs]
-        masks = [
-            objective.loss_mask(
-                b.response_mask, b.labels, old_logp=b.old_logp, rollout_logp=b.rollout_logp, seq_index=b.seq_index
-            )
-            for b in batches
-        ]
-        counts = global_counts([local_counts(m, b.seq_index) for m, b in zip(masks, batches)], group=dp_group)
-        if counts.tokens == 0:  # every response token masked on every rank: no loss, so no update
+        accumulated = accumulate_gradients(state, mini, device)
+        if accumulated is None:  # every response token masked on every rank: no loss, so no update
             skipped += 1
             continue
-        mode = objective.cfg.loss_agg_mode
-        batches = [
-            dataclasses.replace(b, token_weight=token_weights(m, b.seq_index, counts, mode))
-            for m, b in zip(masks, batches)
-        ]
-        step = MiniBatchLoss(objective, len(mbs) * dp_size, device)
-        model.zero_grad_buffer()
-        optimizer.zero_grad()
-        shape = tuple(mbs[0].input_ids.shape)
-        results = run_schedule(model, list(zip(mbs, batches)), step, forward_only=False, shape=shape)
+        step, results = accumulated
         if last_stage:
             metrics_parts.extend(results)
         loss_total += step.loss.to(device)

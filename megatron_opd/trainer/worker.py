@@ -47,6 +47,7 @@ class WorkerSpec:
     sequence_packing: bool = True
     pad_id: int = 0
     temperature: float = 1.0  # the rollout temperature, which scoring runs at
+    fused_lm_head: bool = True  # loss and scores from the output layer's input and weight (trainer.fused_lm_head)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +67,27 @@ def resolve_dtype(name: str) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if torch.cuda.is_available() else torch.float32
     return {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
+
+
+def build_worker_model(spec: WorkerSpec, hf_config: Any, dtype: torch.dtype) -> torch.nn.Module:
+    """This rank's part of the group's model (parallel state initialized), before its weights are loaded: the
+    student with its recomputation; a teacher or reference frozen (``build_gpt_model(frozen=True)``: no
+    recomputation, no router losses, eval mode, no gradients); the local spec's compiled kernels as the model's
+    ``fusion`` says (auto: where CUDA is present)."""
+    from megatron_opd.models.qwen3 import build_gpt_model
+
+    par = spec.model.parallel
+    model = build_gpt_model(
+        hf_config,
+        spec=spec.model.spec,
+        fusion=spec.model.fusion_enabled,
+        frozen=not spec.trainable,
+        params_dtype=dtype,
+        sequence_parallel=par.sequence_parallel,
+        recompute_granularity=spec.model.recompute_granularity,
+        variable_seq_lengths=par.pipeline_model_parallel_size > 1,
+    )
+    return model.cuda() if torch.cuda.is_available() else model
 
 
 class ModelWorker:
@@ -105,7 +127,6 @@ class ModelWorker:
         from megatron_opd.convert.hf_io import load_hf_config
         from megatron_opd.convert.load import load_hf_weights
         from megatron_opd.convert.mcore_io import is_mcore_checkpoint, load_model_checkpoint
-        from megatron_opd.models.qwen3 import build_gpt_model
         from megatron_opd.platform.distributed import (
             DistEnv,
             ParallelSizes,
@@ -132,16 +153,7 @@ class ModelWorker:
         groups = model_groups()
         hf_config = load_hf_config(model_hf_dir(spec.load_from))
         dtype = resolve_dtype(spec.model.dtype)
-        model = build_gpt_model(
-            hf_config,
-            spec=spec.model.spec,
-            params_dtype=dtype,
-            sequence_parallel=par.sequence_parallel,
-            recompute_granularity=spec.model.recompute_granularity,
-            variable_seq_lengths=par.pipeline_model_parallel_size > 1,
-        )
-        if torch.cuda.is_available():
-            model.cuda()
+        model = build_worker_model(spec, hf_config, dtype)
         if is_mcore_checkpoint(spec.load_from):
             load_model_checkpoint(model, spec.load_from)
         else:
@@ -165,14 +177,18 @@ class ModelWorker:
                 mini_batches_per_step=spec.mini_batches_per_step,
                 batching=batching,
                 groups=groups,
+                fused_lm_head=spec.fused_lm_head,
                 hf_config=hf_config,
                 rank=self.rank,
             )
         else:
-            model.eval()
-            for p in model.parameters():
-                p.requires_grad_(False)
-            self.state = ScoringModel(model, batching=batching, temperature=spec.temperature, groups=groups)
+            self.state = ScoringModel(
+                model,
+                batching=batching,
+                temperature=spec.temperature,
+                groups=groups,
+                fused_lm_head=spec.fused_lm_head,
+            )
         self.weights = WeightExport(model, hf_config, self.rank)
         return RankInfo(
             rank=self.rank,

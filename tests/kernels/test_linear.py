@@ -101,3 +101,16 @@ def test_no_vocab_sized_tensor_beyond_a_chunk(monkeypatch) -> None:
     with LiveTensorBytes() as mem:
         linear_topk_logprobs(hidden, weight, labels, 8, ids, chunk_tokens=8)
     assert mem.peak < full_fp32 / 4, mem.peak
+
+
+def test_no_rows() -> None:
+    """A micro-batch without response tokens (an expert-parallel rank's alignment padding): empty outputs, a zero
+    weight gradient, no error."""
+    hidden = torch.zeros(0, 8, requires_grad=True)
+    weight = torch.randn(16, 8, requires_grad=True)
+    labels, ids = torch.zeros(0, dtype=torch.long), torch.zeros(0, 3, dtype=torch.long)
+    top = linear_topk_logprobs(hidden.detach(), weight.detach(), labels, 4, ids)
+    assert top.ids.shape == (0, 4) and top.logprobs.shape == (0, 4) and top.ids_logprob.shape == (0, 3)
+    out = linear_token_logprobs(hidden, weight, labels, ids)
+    (out.label_logprob.sum() + out.entropy.sum() + out.ids_logprob.sum()).backward()
+    assert hidden.grad.shape == (0, 8) and torch.equal(weight.grad, torch.zeros_like(weight))

@@ -14,7 +14,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from megatron_opd.bench.flops import attention_flops, forward_flops, training_flops
 from megatron_opd.models.tiny import save_tiny_model, tiny_config
-from tests.tolerance import float64_approx
+from megatron_opd.platform.spawn import spawn_world
+from tests.tolerance import FORWARD_ULPS, float64_approx, ulps
 
 CONFIGS = {
     "dense": tiny_config(),
@@ -68,7 +69,7 @@ def test_student_step_writes_its_record(models: Path, tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     (rec,) = json.loads(out.read_text())
     assert rec["bench"] == "student_step" and rec["layers"] == 2 and rec["tokens"] == 48 and rec["recompute"] == "full"
-    assert rec["fusion"] is False
+    assert rec["fusion"] is False and rec["fused_lm_head"] is True  # the trainer's default
     cfg = tiny_config(num_hidden_layers=2)
     # float64 products and quotients of the same positive numbers in another order: a rounding per operation
     assert rec["model_tflop"] == float64_approx(training_flops(cfg, [24, 24]) / 1e12, rec["model_tflop"], 2)
@@ -83,6 +84,37 @@ def test_student_step_writes_its_record(models: Path, tmp_path: Path) -> None:
     want = rec["mfu"] * rec["time_ms"] / rec["baseline_time_ms"]
     assert rec["baseline_mfu"] == float64_approx(want, want, 10)
     assert "MFU" in proc.stdout and "x the speed of transformers" in proc.stdout
+
+
+def _student_losses(tied: bool) -> dict[bool, tuple[float, dict[str, torch.Tensor]]]:
+    from megatron_opd.bench.model_setup import build_model, init_single_rank, packed_batch
+    from megatron_opd.bench.student_step import student_loss
+
+    init_single_rank()
+    cfg = tiny_config(num_hidden_layers=2, tie_word_embeddings=tied)
+    torch.manual_seed(0)
+    model = build_model(cfg, torch.float32, torch.device("cpu"), False)
+    batch = packed_batch(cfg.vocab_size, 7, 3, torch.device("cpu"))
+    out = {}
+    for fused in (False, True):
+        loss = student_loss(model, batch, fused)
+        loss.backward()
+        out[fused] = (float(loss), {n: p.grad.numpy().copy() for n, p in model.named_parameters()})
+        model.zero_grad(set_to_none=True)
+    return out
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_student_step_loss_is_the_same_either_way(tied: bool) -> None:
+    """``--fused-lm-head on`` and ``off`` time the same loss: equal values and gradients of every parameter."""
+    got = spawn_world(_student_losses, 1, tied)[0]
+    (loss, grads), (f_loss, f_grads) = got[False], got[True]
+    assert f_loss == pytest.approx(loss, rel=0, abs=ulps(torch.float32, max(1.0, abs(loss)), 2 * FORWARD_ULPS))
+    assert sorted(f_grads) == sorted(grads)
+    for name, g in grads.items():
+        # fp32 gradients of one loss, the LM head's matmuls chunked differently
+        atol = ulps(torch.float32, max(float(abs(g).max()), 1e-6), 4 * FORWARD_ULPS)
+        torch.testing.assert_close(torch.from_numpy(f_grads[name]), torch.from_numpy(g), atol=atol, rtol=0)
 
 
 def test_transformers_baseline_step_is_the_same_work(models: Path) -> None:

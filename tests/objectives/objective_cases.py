@@ -138,11 +138,17 @@ def run_objective(
     rank = 0 if tp_group is None else dist.get_rank(tp_group)
     v_local = case.zs.shape[1] // world
     logits = case.zs[:, rank * v_local : (rank + 1) * v_local].to(dtype).requires_grad_(True)
+    out = objective(case_batch(cfg, case, tp_group).with_logits(logits))
+    out.loss.backward()
+    return float(out.loss.detach()), logits.grad.double(), reduce_metrics(out.metrics)
+
+
+def case_batch(cfg: ObjectiveConfig, case: Case, tp_group: Any = None) -> TokenBatch:
+    """The case's token batch as the trainer builds it, without the student's outputs (logits or hidden rows)."""
     support = support_of(cfg, case)
     nan_on_masked = torch.where(case.response_mask > 0, 0.0, math.nan)
     teacher_logp = case.teacher_lp.gather(1, case.labels[:, None]).squeeze(1) + nan_on_masked
-    batch = TokenBatch(
-        logits=logits,
+    return TokenBatch(
         labels=case.labels,
         response_mask=case.response_mask,
         token_weight=case.weights.float(),
@@ -158,9 +164,6 @@ def run_objective(
         outcome_reward=case.reward.float(),
         tp_group=tp_group,
     )
-    out = objective(batch)
-    out.loss.backward()
-    return float(out.loss.detach()), logits.grad.double(), reduce_metrics(out.metrics)
 
 
 def expected(cfg: ObjectiveConfig, case: Case, *, ppo: bool = False) -> tuple[float, Tensor, dict[str, float]]:

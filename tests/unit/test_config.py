@@ -149,3 +149,20 @@ def test_objective_needs_teacher_and_bad_choice(tmp_path: Path, models: dict[str
     assert "the teacher writes the responses" in errors(p, ["objective.name=sft"])  # SeqKD needs one too
     assert "objective.name" in errors(write(tmp_path, base_yaml(models)), ["objective.name=ppo"])
     assert "rollout.top_p" in errors(write(tmp_path, base_yaml(models)), ["rollout.top_p=1.5"])
+
+
+def test_fusion_and_fused_lm_head(tmp_path: Path, models: dict[str, str]) -> None:
+    """``<model>.fusion`` takes auto / true / false (YAML booleans too) and names the key otherwise;
+    ``trainer.fused_lm_head`` is on unless switched off."""
+    p = write(tmp_path, base_yaml(models))
+    cfg = load_config(p)
+    assert cfg.student.fusion_enabled is None and cfg.trainer.fused_lm_head is True
+    cfg = load_config(p, ["student.fusion=false", "teachers.0.fusion=true", "trainer.fused_lm_head=false"])
+    cfg.validate()
+    assert (cfg.student.fusion_enabled, cfg.teachers[0].fusion_enabled, cfg.trainer.fused_lm_head) == (
+        False,
+        True,
+        False,
+    )
+    msg = errors(p, ["teachers.0.fusion=fast"])
+    assert "teachers.0.fusion" in msg and "auto, true, false" in msg

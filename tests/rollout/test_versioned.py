@@ -156,5 +156,5 @@ def test_partial_resumes_through_abort_request_of_opd_serve(
 
 
 def test_partial_needs_an_engine_that_aborts() -> None:
-    with pytest.raises(ConfigError, match="rollout.partial"):
+    with pytest.raises(ConfigError, match=r"rollout\.partial"):
         VersionedEngine(BlockingEngine(), partial=True)

@@ -4,6 +4,7 @@ their own workers (``trainer.colocate=false``: they score a batch ahead while th
 - ``sync``: k = 0, steps 1-3, its own server.
 - ``async``: k = 1 on another server; its driver is SIGKILLed after the update of step 3 and resumed.
 - ``sync_from_2``: k = 0 from a copy of the async run's checkpoint 2 (the synchronous rule for step 3).
+- ``partial``: k = 1 with ``rollout.partial`` on a third server (syncs abort its requests in flight).
 
 Step 1 of both modes is the same computation (version 0 samples it); later async steps learn from tokens one
 version old, recorded per token, and the rollout correction sees the staleness; the resumed step 3 regenerates
@@ -21,71 +22,50 @@ import pytest
 from megatron_opd.config.errors import ConfigError
 from megatron_opd.config.loader import load_config
 from megatron_opd.rollout.sglang.launcher import ServerProcesses
-from tests.reliability.conftest import RunResult, opd_in_process, opd_subprocess, ray_address  # noqa: F401
+from tests.reliability.conftest import (  # noqa: F401 (fixtures)
+    RunResult,
+    assets,
+    opd_in_process,
+    opd_subprocess,
+    ray_address,
+)
 from tests.rollout.conftest import serve_commands
-from tests.tiny_runs import save_model, tokenizer_config, write_task_data
 from tests.tolerance import FORWARD_ULPS, metric_atol
 
 KEYS = ("train/loss", "train/grad_norm", "teacher/reverse_kl", "rollout/response_len")
-CONFIG = """
-student:
-  path: {root}/student
-teachers:
-  - name: default
-    path: {root}/teacher
-objective:
-  name: opd
-data:
-  train_files: [{root}/data/train.parquet]
-  train_batch_size: 4
-  max_prompt_length: 32
-rollout:
-  engine: sglang
-  max_new_tokens: 6
-  batch_size: 2
-optim:
-  lr: 3.0e-3
-trainer:
-  steps: 3
-  save_every: 1
-  keep_last: 5
-  max_tokens_per_microbatch: 64
-  eval_before: false
-  colocate: false
-  group_timeout_s: 120
-logging:
-  progress_bar: false
-  tensorboard: false
-"""
+# the reliability suite's tiny run (opd, 3 steps, a checkpoint each), its engine served, its teacher on its own
+# workers, a student at TP=1, two rows per engine request
+SETTINGS = (
+    "student.parallel.tensor_model_parallel_size=1",
+    "rollout.engine=sglang",
+    "rollout.batch_size=2",
+    "trainer.colocate=false",
+    "optim.lr=3.0e-3",
+)
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("async")
-    save_model(root / "student", tokenizer_config(), seed=1)
-    save_model(root / "teacher", tokenizer_config(), seed=2)
-    write_task_data(root)
-    (root / "config.yaml").write_text(CONFIG.format(root=root))
-    return root
+def out(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("async_runs")
 
 
 @pytest.fixture(scope="module")
-def servers(assets: Path) -> Iterator[list[str]]:
-    """Two ``opd serve`` processes on the student: a fresh run expects its engine at the initial weights."""
-    with ServerProcesses(serve_commands(assets / "student", 2), assets / "server_logs").start(120) as procs:
+def servers(assets: Path, out: Path) -> Iterator[list[str]]:  # noqa: F811
+    """``opd serve`` processes on the student, one per fresh run: it expects its engine at the initial weights."""
+    with ServerProcesses(serve_commands(assets / "student", 3), out / "server_logs").start(120) as procs:
         yield procs.urls
 
 
 def engine(url: str) -> list[str]:
-    return [f"rollout.sglang.urls=[{url}]"]
+    return [*SETTINGS, f"rollout.sglang.urls=[{url}]"]
 
 
 @pytest.fixture(scope="module")
-def runs(assets: Path, servers: list[str], ray_address: str) -> dict[str, RunResult]:  # noqa: F811
+def runs(assets: Path, out: Path, servers: list[str], ray_address: str) -> dict[str, RunResult]:  # noqa: F811
     config = assets / "config.yaml"
-    out = {"sync": opd_in_process(config, assets / "sync", *engine(servers[0]))}
-    run = assets / "async"
-    out["killed"] = opd_subprocess(
+    result = {"sync": opd_in_process(config, out / "sync", *engine(servers[0]))}
+    run = out / "async"
+    result["killed"] = opd_subprocess(
         config,
         run,
         *engine(servers[1]),
@@ -93,12 +73,14 @@ def runs(assets: Path, servers: list[str], ray_address: str) -> dict[str, RunRes
         env={"OPD_FAULT": "train@3", "RAY_ADDRESS": ray_address},
         tag="async_killed",
     )
-    shutil.copytree(run, assets / "sync_from_2")
-    out["resumed"] = opd_in_process(config, run, *engine(servers[1]), "trainer.max_staleness=1")
-    out["sync_from_2"] = opd_in_process(config, assets / "sync_from_2", *engine(servers[1]))
-    for name, r in out.items():
+    shutil.copytree(run, out / "sync_from_2")
+    result["resumed"] = opd_in_process(config, run, *engine(servers[1]), "trainer.max_staleness=1")
+    result["sync_from_2"] = opd_in_process(config, out / "sync_from_2", *engine(servers[1]))
+    partial = ("trainer.max_staleness=1", "rollout.partial=true", "rollout.max_new_tokens=24")
+    result["partial"] = opd_in_process(config, out / "partial", *engine(servers[2]), *partial)
+    for name, r in result.items():
         assert (r.rc == -9) if name == "killed" else (r.error is None), (name, r.error, r.output[-3000:])
-    return out
+    return result
 
 
 def same(got: dict, want: dict, ulps: float) -> None:
@@ -138,10 +120,47 @@ def test_killed_async_run_resumes_with_the_synchronous_rule(runs: dict[str, RunR
     same(resumed[3], reference[3], ulps=8)
 
 
-def test_async_refuses_a_colocated_engine(assets: Path) -> None:
-    cfg = load_config(assets / "config.yaml", ["trainer.max_staleness=1", "rollout.offload_when_idle=true"])
+@pytest.mark.slow
+def test_partial_rollouts_train_with_tokens_at_most_one_version_old(runs: dict[str, RunResult]) -> None:
+    """Whether a sync lands inside a request is a matter of timing; the versions of the tokens that result are not:
+    none is older than one version, per token, whichever part of a response it belongs to."""
+    m = runs["partial"].metrics
+    assert sorted(m) == [1, 2, 3]
+    for step in (1, 2, 3):
+        assert m[step]["async/staleness_max"] <= 1.0 and m[step]["rollout/response_len"] <= 24
+    assert m[1]["async/staleness_max"] == 0.0
+
+
+def test_async_refuses_a_colocated_engine(assets: Path) -> None:  # noqa: F811
+    cfg = load_config(assets / "config.yaml", [*SETTINGS, "trainer.max_staleness=1", "rollout.offload_when_idle=true"])
     with pytest.raises(ConfigError, match=r"trainer\.max_staleness.*rollout\.offload_when_idle"):
         cfg.validate()
-    cfg = load_config(assets / "config.yaml", ["rollout.partial=true"])
+    cfg = load_config(assets / "config.yaml", [*SETTINGS, "rollout.partial=true"])
     with pytest.raises(ConfigError, match=r"rollout\.partial.*trainer\.max_staleness"):
         cfg.validate()
+
+
+def bench_records(wall_per_step: float, rollout: float) -> list[dict]:
+    """Four steps of 1 s score + 1 s train + ``rollout`` s, logged ``wall_per_step`` s apart."""
+    return [
+        {
+            "step": step,
+            "time": 100.0 + step * wall_per_step,
+            "time/rollout_s": rollout,
+            "time/score_s": 1.0,
+            "time/train_s": 1.0,
+            "async/staleness_mean": 0.0,
+            "train/loss": 0.5,
+        }
+        for step in (1, 2, 3, 4)
+    ]
+
+
+def test_bench_overlap_is_the_share_of_the_rollout_hidden_behind_the_learner() -> None:
+    from megatron_opd.bench.async_pipeline import measure
+
+    one_after_another = measure(bench_records(wall_per_step=4.0, rollout=2.0))
+    assert one_after_another["steps"] == 3 and one_after_another["wall_s_per_step"] == 4.0
+    assert one_after_another["overlap"] == 0.0
+    assert measure(bench_records(wall_per_step=2.0, rollout=2.0))["overlap"] == 1.0  # all of it hidden
+    assert measure(bench_records(wall_per_step=3.0, rollout=2.0))["overlap"] == 0.5

@@ -355,10 +355,10 @@ def learn(
     """Score ``samples`` (the teachers' scores already there when the pipeline scored ahead), update the student
     (version ``step - 1`` before, ``step`` after) and send it to the engine."""
     with timer("score"):
-        if plan.student is not None:
-            score_student(samples, groups, plan)
         if any(s.scores.teacher is None for s in samples):
-            score_teachers(samples, groups, plan)
+            score(samples, groups, plan)
+        elif plan.student is not None:  # the teachers scored ahead
+            score_student(samples, groups, plan)
     fault_point("score", step, groups.all())
     metrics = {**rollout_metrics(samples), **staleness_metrics(samples, step - 1), **engine.server_stats()}
     if not scores_finite(samples):

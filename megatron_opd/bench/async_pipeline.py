@@ -79,7 +79,7 @@ def run_once(config: str, overrides: list[str], k: int, run_dir: Path, log_dir: 
     serve = [sys.executable, "-m", "megatron_opd", "serve", "--model-path", student, "--port", str(port)]
     serve += ["--batch-size", str(cfg.rollout.batch_size), "--enable-deterministic-inference"]
     server = ServerCommand(f"http://127.0.0.1:{port}", serve, {"OMP_NUM_THREADS": "1"}, f"serve_k{k}")
-    train = [sys.executable, "-m", "megatron_opd", "train", config, *overrides, f"run_dir={run_dir}"]
+    train = [sys.executable, "-m", "megatron_opd", "train", config, *overrides]
     train += [
         "rollout.engine=sglang",
         f"rollout.sglang.urls=[{server.url}]",
@@ -92,8 +92,9 @@ def run_once(config: str, overrides: list[str], k: int, run_dir: Path, log_dir: 
     ]
     with ServerProcesses([server], log_dir).start(timeout_s=300):
         with open(log_dir / f"train_{run_dir.name}.log", "w") as log:
-            subprocess.run(train, stdout=log, stderr=subprocess.STDOUT, check=True)
-    return read_metrics(run_dir), " ".join(train[2:])
+            subprocess.run([*train, f"run_dir={run_dir}"], stdout=log, stderr=subprocess.STDOUT, check=True)
+    command = " ".join(["opd", *train[3:]]).replace(server.url, "<opd serve of the student>")
+    return read_metrics(run_dir), command
 
 
 def main(argv: list[str]) -> int:

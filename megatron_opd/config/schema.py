@@ -197,9 +197,13 @@ class TrainerConfig:
     max_bad_steps: int = 3  # non-finite steps skipped before the run stops
     colocate: bool = True  # all groups share the GPUs (offload idle models) vs separate GPUs
     group_timeout_s: float = 1800.0  # bound on every collective inside a worker group
+    # 0: synchronous (rollout, score, update, sync). k >= 1: the rollouts of the next steps are generated while
+    # the student updates, under weights at most k versions older than the student's (docs/async.md)
+    max_staleness: int = 0
 
     def validate(self) -> None:
         check_positive("trainer.steps", self.steps)
+        check_choice("trainer.max_staleness", self.max_staleness, (0, 1, 2))
         check_positive("trainer.mini_batches_per_step", self.mini_batches_per_step)
         check_positive("trainer.max_tokens_per_microbatch", self.max_tokens_per_microbatch)
         check_positive("trainer.save_every", self.save_every, allow_zero=True)
@@ -268,6 +272,7 @@ class OPDConfig:
                 "use student.dtype=bf16 (or auto), student.offload_when_idle=false, or "
                 "optim.use_distributed_optimizer=false.",
             )
+        self._check_async()
         validate_objective(self.objective, has_teacher_base=all(t.base_path for t in self.teachers))
         self.objective.validate_vocab(hf["student"].vocab_size)
         self.data.validate()
@@ -280,3 +285,24 @@ class OPDConfig:
                 "resume", self.resume, "is neither auto, never nor an existing checkpoint.", "use resume=auto."
             )
         return hf
+
+    def _check_async(self) -> None:
+        """An asynchronous run needs an engine that keeps its GPUs while the student trains."""
+        k = self.trainer.max_staleness
+        if k and self.rollout.offload_when_idle:
+            raise ConfigError(
+                "trainer.max_staleness",
+                k,
+                "overlaps rollouts with the student's update, but rollout.offload_when_idle=true colocates the "
+                "engine with the trainer: it gives its GPU memory back while the student trains.",
+                "put the engine on its own GPUs (rollout nodes, or a split of the node's GPUs) and set "
+                "rollout.offload_when_idle=false, or set trainer.max_staleness=0.",
+            )
+        if self.rollout.partial and not k:
+            raise ConfigError(
+                "rollout.partial",
+                True,
+                "resumes generations a weight update interrupts; with trainer.max_staleness=0 no update arrives "
+                "during a rollout.",
+                "set trainer.max_staleness=1 (or 2), or rollout.partial=false.",
+            )

@@ -90,6 +90,8 @@ class Completion:
     token_ids: list[int]
     logprobs: list[float]
     finish_reason: str  # "stop" | "length" | "abort"
+    # [len(token_ids)] the weight version that sampled each token (asynchronous runs, ``VersionedEngine``)
+    weight_versions: list[int] | None = None
 
 
 @runtime_checkable
@@ -132,3 +134,12 @@ class RolloutEngine(Protocol):
         ...
 
     def shutdown(self) -> None: ...
+
+
+@runtime_checkable
+class AbortableEngine(Protocol):
+    """An engine whose running generations can be stopped early (SGLang's ``/abort_request`` with
+    ``abort_all``): each unfinished row of the ``generate`` calls in flight then returns what it has sampled so
+    far, with ``finish_reason == "abort"``. ``rollout.partial`` resumes such rows after a weight update."""
+
+    def abort(self) -> None: ...

@@ -87,6 +87,9 @@ class RolloutConfig:
     # Colocated runs: free the engine's GPU memory (weights, KV cache) between rollouts; the trainer
     # re-sends the weights before the next one. sglang: launched with --enable-memory-saver.
     offload_when_idle: bool = False
+    # Asynchronous runs (trainer.max_staleness >= 1): a weight update aborts the generations in flight and
+    # resumes them under the new weights (hf, sglang); false: it waits for the requests in flight
+    partial: bool = False
     sglang: SGLangConfig = dataclasses.field(default_factory=SGLangConfig)
     vllm: VLLMConfig = dataclasses.field(default_factory=VLLMConfig)
 
@@ -142,6 +145,13 @@ class RolloutConfig:
                     "node every server reaches.",
                 )
         check_positive("rollout.vllm.tensor_parallel_size", self.vllm.tensor_parallel_size)
+        if self.partial and self.engine == "vllm":
+            raise ConfigError(
+                "rollout.partial",
+                True,
+                "the in-process vLLM engine cannot abort a running generate call.",
+                "use rollout.engine=sglang (or hf), or rollout.partial=false.",
+            )
         self._check_logprob_convention()
 
     def _check_logprob_convention(self) -> None:

@@ -108,6 +108,7 @@ class HFEngine:
         self.batch_size = batch_size
         self._rng = np.random.default_rng(seed)
         self._lock = threading.Lock()
+        self._abort = threading.Event()  # set by ``abort``: the running ``generate_rows`` returns its partial rows
 
     # -- generation ---------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Completion]:
@@ -124,11 +125,19 @@ class HFEngine:
         order = sorted(range(len(rows)), key=lambda i: len(rows[i].prompt_ids))
         outputs: list[RowOutput | None] = [None] * len(rows)
         with self._lock, torch.inference_mode():
-            for start in range(0, len(order), self.batch_size):
-                chunk = order[start : start + self.batch_size]
-                for i, out in zip(chunk, self._generate_batch([rows[i] for i in chunk], original_logprobs)):
-                    outputs[i] = out
+            try:
+                for start in range(0, len(order), self.batch_size):
+                    chunk = order[start : start + self.batch_size]
+                    for i, out in zip(chunk, self._generate_batch([rows[i] for i in chunk], original_logprobs)):
+                        outputs[i] = out
+            finally:
+                self._abort.clear()  # an abort stops the generation running when it arrives, not the next one
         return outputs  # type: ignore[return-value]
+
+    def abort(self) -> None:
+        """Stop the running generation after its current decoding step (SGLang's ``abort_all``): unfinished
+        rows, and rows not started yet, return their tokens so far with ``finish_reason="abort"``."""
+        self._abort.set()
 
     def _check_prompt(self, i: int, ids: list[int]) -> None:
         if not ids:
@@ -173,6 +182,9 @@ class HFEngine:
         finish: list[str | None] = ["length" if b <= 0 else None for b in budget]
         matched: list[int | None] = [None] * n
         for _ in range(max(budget)):
+            if self._abort.is_set():
+                finish = [f or "abort" for f in finish]
+                break
             next_ids, next_lp = sample_next(
                 logits, temperature, top_k, top_p, generators, original_logprobs=original_logprobs
             )

@@ -14,6 +14,9 @@ Endpoints (schemas in :mod:`megatron_opd.rollout.sglang.protocol`):
   ``sampling_seed`` is honoured only with ``--enable-deterministic-inference`` (rows without one
   then use 42); otherwise every row draws from the server's generator. Log-probs are
   ``log_softmax(logits / T)`` before truncation, at temperature 1 under ``SGLANG_RETURN_ORIGINAL_LOGPROB``.
+- ``POST /abort_request`` (``{"abort_all": true}``, or ``{"rid": ...}`` of a running request): the running
+  generation stops after its current decoding step; its unfinished rows answer with the tokens sampled so far
+  and ``finish_reason`` ``{"type": "abort"}`` (how ``rollout.partial`` resumes them after a weight update).
 - ``POST /update_weights_from_disk``: load HF safetensors from ``model_path`` in place.
 - ``POST /init_weights_update_group``, ``/begin_weight_update``, ``/update_weights_from_distributed``
   (only inside a begin/end session), ``/end_weight_update``, ``/destroy_weights_update_group``:
@@ -107,6 +110,7 @@ class ServerState:
         self._work = threading.Lock()  # one generation or weight change at a time
         self._generations = 0  # /generate requests running or waiting
         self._count_lock = threading.Lock()
+        self._running_rids: set[str] = set()  # request ids of the generation running now
 
     @staticmethod
     def _load_tokenizer(model_dir: str) -> Any:
@@ -126,16 +130,23 @@ class ServerState:
                 raise protocol.ProtocolError("this model directory has no tokenizer; send input_ids instead of text.")
             req.prompts = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in req.texts or []]
         seeds = self._row_seeds(req.seeds)
+        rids = [rid or uuid.uuid4().hex for rid in req.rids]
         with self._count_lock:
             self._generations += 1
         try:
             with self._work:
                 self._check_not_released()
                 start = time.perf_counter()
-                outputs = self.engine.generate_rows(
-                    [RowRequest(p, sp, s) for p, sp, s in zip(req.prompts, req.sampling, seeds)],
-                    original_logprobs=self.flags.original_logprobs,
-                )
+                with self._count_lock:
+                    self._running_rids = set(rids)
+                try:
+                    outputs = self.engine.generate_rows(
+                        [RowRequest(p, sp, s) for p, sp, s in zip(req.prompts, req.sampling, seeds)],
+                        original_logprobs=self.flags.original_logprobs,
+                    )
+                finally:
+                    with self._count_lock:
+                        self._running_rids = set()
         finally:
             with self._count_lock:
                 self._generations -= 1
@@ -143,7 +154,7 @@ class ServerState:
         items = [
             protocol.generate_response_item(
                 out.completion,
-                rid=rid or uuid.uuid4().hex,
+                rid=rid,
                 matched=out.matched_stop,
                 last_prompt_logprob=out.last_prompt_logprob,
                 return_logprob=want_lp,
@@ -151,9 +162,18 @@ class ServerState:
                 latency_s=latency,
                 text=None if self.tokenizer is None else self.tokenizer.decode(out.completion.token_ids),
             )
-            for out, rid, want_lp in zip(outputs, req.rids, req.return_logprob)
+            for out, rid, want_lp in zip(outputs, rids, req.return_logprob)
         ]
         return items if req.batched else items[0]
+
+    def abort(self, body: dict[str, Any]) -> None:
+        """SGLang's ``/abort_request``: with ``abort_all``, or the ``rid`` of a row of the running generation,
+        that generation stops after its current decoding step (this server runs one at a time). Requests waiting
+        for their turn are not aborted; an unknown rid is ignored, as SGLang does."""
+        rid = body.get("rid") or ""
+        with self._count_lock:
+            if self._running_rids and (body.get("abort_all") or rid in self._running_rids):
+                self.engine.abort()
 
     def _row_seeds(self, requested: list[int | None]) -> list[int]:
         """The requests' ``sampling_seed`` under ``--enable-deterministic-inference``; otherwise
@@ -381,6 +401,7 @@ class Handler(BaseHTTPRequestHandler):
         state = self.server.state
         routes = {
             "/generate": lambda: state.generate(self._body()),
+            "/abort_request": lambda: state.abort(self._json_object()),
             "/update_weights_from_disk": lambda: state.update_from_disk(self._json_object()),
             "/init_weights_update_group": lambda: state.init_group(self._json_object()),
             "/begin_weight_update": state.begin_weight_update,

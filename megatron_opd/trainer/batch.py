@@ -43,6 +43,7 @@ class Sample:
     ground_truth: Any = None
     outcome_reward: float = 0.0  # rule-based, for metrics and accuracy-filtered AOPD
     response_mask: Tensor | None = None  # [R] float; None = all response tokens
+    weight_versions: list[int] | None = None  # [R] the student version (optimizer steps) that sampled each token
     scores: SampleScores = dataclasses.field(default_factory=SampleScores)  # per source, filled in by scoring
 
     @property

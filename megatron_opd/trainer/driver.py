@@ -8,6 +8,11 @@ Everything heavy runs in worker groups (Ray actors, one torch.distributed world 
 driver holds the data loader, the rollout engine client, the objective (built once: it says what
 scoring computes, its ``ScoringPlan``, and travels to the student's ranks) and the bookkeeping.
 ``run_training`` is the whole job; each phase is one function below it.
+
+With ``trainer.max_staleness = k >= 1`` the rollouts come from a :class:`~megatron_opd.trainer.pipeline.RolloutPipeline`
+that generates the next steps' batches while the student trains (weights at most ``k`` versions old), and scores
+them with the teachers ahead when those have their own GPUs; the learner recomputes the student's log-probs and
+the token-level rollout correction covers the staleness (docs/async.md).
 """
 
 from __future__ import annotations
@@ -33,11 +38,13 @@ from megatron_opd.config.schema import ModelConfig, OPDConfig, model_hf_dir
 from megatron_opd.objectives.base import Objective
 from megatron_opd.rollout.base import RolloutEngine, SamplingParams
 from megatron_opd.rollout.offload import OffloadedEngine
+from megatron_opd.rollout.versioned import EngineStats, VersionedEngine
 from megatron_opd.scoring.contract import ScoringPlan
 from megatron_opd.trainer.batch import Sample
 from megatron_opd.trainer.checkpoint import CheckpointManager, resolve_resume
 from megatron_opd.trainer.faults import fault_point
 from megatron_opd.trainer.metrics import MetricsLogger, summary_line
+from megatron_opd.trainer.pipeline import RolloutBatch, RolloutPipeline
 from megatron_opd.trainer.worker import WorkerSpec, resolve_dtype
 from megatron_opd.trainer.worker_group import (
     Placement,
@@ -142,6 +149,11 @@ def run_training(cfg: OPDConfig) -> dict[str, Any]:
         writers = {t.name: build_engine(cfg.rollout, model_hf_dir(t.path), tokenizer=tokenizer) for t in cfg.teachers}
     if cfg.rollout.offload_when_idle:  # the engine frees its GPU memory after each rollout
         engine = OffloadedEngine(engine, lambda e: sync_weights(cfg, groups.student, e))
+    k = cfg.trainer.max_staleness
+    # synchronous: one request per batch, as the engine batches it; asynchronous: a weight update waits for (or,
+    # rollout.partial, aborts) at most one request of rollout.batch_size rows
+    engine = VersionedEngine(engine, request_rows=cfg.rollout.batch_size if k else None, partial=cfg.rollout.partial)
+    pipeline: RolloutPipeline | None = None
     metrics_log = MetricsLogger(run_dir, cfg.logging, json.loads(json.dumps(dataclasses.asdict(cfg), default=str)))
     state: dict[str, Any] = {"step": 0, "eval_before": None, "bad_steps": 0}
     try:
@@ -151,17 +163,31 @@ def run_training(cfg: OPDConfig) -> dict[str, Any]:
             state = CheckpointManager.read_state(resume_from)
             loader.load_state_dict(state["data"])
             metrics_log.truncate_after(state["step"])  # steps logged after that checkpoint are redone
-            sync_weights(cfg, groups.student, engine)
+            engine.update(lambda e: sync_weights(cfg, groups.student, e), version=state["step"])
         evaluator = Evaluator(cfg, tokenizer)
         if state["eval_before"] is None and cfg.trainer.eval_before and evaluator.enabled:
             state["eval_before"] = evaluator.run(engine, run_dir / "eval" / "step_0")["accuracy"]
             log.info("eval before training: %s", state["eval_before"])
         total = cfg.trainer.steps
         progress = Progress(cfg.logging.progress_bar, state["step"], total)
+        if k:
+            score_ahead = not cfg.trainer.colocate and not plan.teacher.at_ids
+
+            def produce(step: int, prompts: list[Any]) -> list[Sample]:
+                samples = rollout(cfg, step, prompts, engine, tokenizer, writers)
+                if score_ahead:  # the teachers have their own GPUs and need nothing of the student
+                    score_teachers(samples, groups, plan)
+                return samples
+
+            pipeline = RolloutPipeline(engine, loader, produce, k, state["step"] + 1, total)
         for step in range(state["step"] + 1, total + 1):
             if stop:  # signalled during start-up or while saving: nothing of this step ran yet
                 break
-            metrics = train_one_step(cfg, step, loader, engine, groups, plan, tokenizer, writers)
+            if pipeline is None:
+                metrics = train_one_step(cfg, step, loader, engine, groups, plan, tokenizer, writers)
+                data_state = loader.state_dict()
+            else:
+                metrics, data_state = train_async_step(cfg, step, pipeline, engine, groups, plan)
             if metrics.pop("skipped_nonfinite", False):
                 state["bad_steps"] += 1
                 if state["bad_steps"] > cfg.trainer.max_bad_steps:
@@ -178,7 +204,7 @@ def run_training(cfg: OPDConfig) -> dict[str, Any]:
             metrics_log.log(step, metrics)
             progress.update(step, summary_line(step, total, metrics))
             if (cfg.trainer.save_every and step % cfg.trainer.save_every == 0) or step == total or stop:
-                save_checkpoint(ckpts, groups.student, step, loader, state)
+                save_checkpoint(ckpts, groups.student, step, data_state, state)
             if stop:
                 break
         progress.close()
@@ -199,6 +225,8 @@ def run_training(cfg: OPDConfig) -> dict[str, Any]:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         return summary
     finally:
+        if pipeline is not None:
+            pipeline.close(cfg.rollout.request_timeout_s)
         metrics_log.close()
         engine.shutdown()
         for writer in (writers or {}).values():
@@ -281,23 +309,59 @@ def train_one_step(
     cfg: OPDConfig,
     step: int,
     loader: Any,
-    engine: RolloutEngine,
+    engine: VersionedEngine,
     groups: Groups,
     plan: ScoringPlan,
     tokenizer: Any,
     writers: dict[str, RolloutEngine] | None = None,
 ) -> dict[str, Any]:
+    """The synchronous step: rollout, scoring, update, weight sync."""
     timer = PhaseTimer()
+    before = dataclasses.replace(engine.stats)
     with timer("rollout"):
         prompts = loader.next_batch()
         samples = rollout(cfg, step, prompts, engine, tokenizer, writers)
         if cfg.rollout.offload_when_idle:
             engine.release_memory()  # until the weight sync (weights) and the next rollout (KV cache)
     fault_point("rollout", step, groups.all())
+    return learn(cfg, step, samples, engine, groups, plan, timer, before)
+
+
+def train_async_step(
+    cfg: OPDConfig, step: int, pipeline: RolloutPipeline, engine: VersionedEngine, groups: Groups, plan: ScoringPlan
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The asynchronous step: this step's batch from the pipeline (generated while earlier steps trained), then
+    scoring, update and weight sync as in :func:`train_one_step`. Also returns the loader state to checkpoint."""
+    timer = PhaseTimer()
+    before = dataclasses.replace(engine.stats)
+    with timer("wait_rollout"):
+        batch: RolloutBatch = pipeline.take(step)
+    fault_point("rollout", step, groups.all())
+    metrics = learn(cfg, step, batch.samples, engine, groups, plan, timer, before)
+    metrics["time/rollout_s"] = batch.produce_s  # overlapped with earlier steps; not part of time/step_s
+    metrics["time/rollout_bound_wait_s"] = batch.bound_wait_s
+    return metrics, batch.data_state
+
+
+def learn(
+    cfg: OPDConfig,
+    step: int,
+    samples: list[Sample],
+    engine: VersionedEngine,
+    groups: Groups,
+    plan: ScoringPlan,
+    timer: PhaseTimer,
+    before: EngineStats,
+) -> dict[str, Any]:
+    """Score ``samples`` (the teachers' scores already there when the pipeline scored ahead), update the student
+    (version ``step - 1`` before, ``step`` after) and send it to the engine."""
     with timer("score"):
-        score(samples, groups, plan)
+        if any(s.scores.teacher is None for s in samples):
+            score(samples, groups, plan)
+        elif plan.student is not None:  # the teachers scored ahead
+            score_student(samples, groups, plan)
     fault_point("score", step, groups.all())
-    metrics = {**rollout_metrics(samples), **engine.server_stats()}
+    metrics = {**rollout_metrics(samples), **staleness_metrics(samples, step - 1), **engine.server_stats()}
     if not scores_finite(samples):
         log.warning("step %d: non-finite teacher/reference scores; skipping the update", step)
         metrics.update(timer.metrics(), skipped_nonfinite=True)
@@ -306,9 +370,13 @@ def train_one_step(
         train = groups.student.train_step(samples)
     fault_point("train", step, groups.all())
     with timer("sync"):
-        sync_weights(cfg, groups.student, engine)
+        engine.update(lambda e: sync_weights(cfg, groups.student, e), version=step)
     metrics.update(train.as_dict())
     metrics.update(timer.metrics())
+    waits = engine.stats.minus(before)
+    metrics["time/sync_wait_s"] = waits["update_wait_s"]  # the update waited for requests in flight
+    if cfg.trainer.max_staleness:
+        metrics["rollout/resumed_rows"] = waits["resumed_rows"]
     tokens = sum(s.num_tokens for s in samples)
     metrics["perf/tokens_per_s"] = tokens / max(timer.total, 1e-9)
     metrics["perf/tokens"] = float(tokens)
@@ -364,6 +432,7 @@ def rollout(
                 prompt_ids=list(p.prompt_ids),
                 response_ids=list(c.token_ids),
                 rollout_logp=list(c.logprobs),
+                weight_versions=c.weight_versions,
                 finish_reason=c.finish_reason,
                 teacher=teacher,
                 data_source=p.data_source,
@@ -379,9 +448,21 @@ def score(samples: list[Sample], groups: Groups, plan: ScoringPlan) -> None:
     (ℓ_old, its top-K), each sample's own teacher (ℓ_T, its top-K, its log-probs at the student's top-K), each
     sample's reference (ℓ_R). Every sample keeps what each source returned in ``sample.scores``."""
     if plan.student is not None:
-        got = groups.student.score(samples, plan.student)
-        for s in samples:
-            s.scores.student = got[s.uid]
+        score_student(samples, groups, plan)
+    score_teachers(samples, groups, plan)
+
+
+def score_student(samples: list[Sample], groups: Groups, plan: ScoringPlan) -> None:
+    """The student's part of ``plan``, under its current weights (in an asynchronous run: recomputed at learner
+    time, not those that sampled the rollout)."""
+    got = groups.student.score(samples, plan.student)
+    for s in samples:
+        s.scores.student = got[s.uid]
+
+
+def score_teachers(samples: list[Sample], groups: Groups, plan: ScoringPlan) -> None:
+    """The teachers' and references' part of ``plan``; after :func:`score_student` when the teachers score at the
+    student's top-K ids."""
     by_teacher: dict[str, list[Sample]] = defaultdict(list)
     for s in samples:
         by_teacher[s.teacher].append(s)
@@ -425,6 +506,19 @@ def rollout_metrics(samples: list[Sample]) -> dict[str, float]:
     if len(routed) > 1:
         metrics.update({f"rollout/num_samples/{name}": float(count) for name, count in sorted(routed.items())})
     return metrics
+
+
+def staleness_metrics(samples: list[Sample], learner_version: int) -> dict[str, float]:
+    """How many versions older than the learning student (``learner_version``) the sampled tokens' weights are:
+    ``async/staleness_mean`` / ``_max`` over response tokens, and ``async/mixed_version_frac``, the share of
+    samples whose tokens span several versions (``rollout.partial``)."""
+    lags = [learner_version - v for s in samples for v in (s.weight_versions or [])]
+    mixed = sum(len(set(s.weight_versions or [])) > 1 for s in samples)
+    return {
+        "async/staleness_mean": sum(lags) / max(len(lags), 1),
+        "async/staleness_max": float(max(lags, default=0)),
+        "async/mixed_version_frac": mixed / max(len(samples), 1),
+    }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -477,13 +571,17 @@ def sync_weights(cfg: OPDConfig, student: StudentGroup, engine: RolloutEngine) -
     engine.update_weights_from_dir(out)
 
 
-def save_checkpoint(ckpts: CheckpointManager, student: StudentGroup, step: int, loader: Any, state: dict) -> None:
+def save_checkpoint(
+    ckpts: CheckpointManager, student: StudentGroup, step: int, data_state: dict[str, Any], state: dict
+) -> None:
+    """The student after ``step`` and ``data_state``, the prompt loader's state once the prompts of ``step`` were
+    drawn (an asynchronous run's loader has drawn further; those batches are generated again on resume)."""
     tmp = None
     try:
         tmp = ckpts.begin(step)
         student.save_checkpoint(str(tmp), step)
         fault_point("checkpoint", step, [student])
-        final = ckpts.commit(tmp, step, {**state, "step": step, "data": loader.state_dict()})
+        final = ckpts.commit(tmp, step, {**state, "step": step, "data": data_state})
     except (OSError, WorkerGroupError) as e:  # e.g. disk full
         raise ckpts.failed(tmp, step, e) from e
     log.info("saved checkpoint %s", final)

@@ -608,6 +608,16 @@ class SGLangEngine:
                 "--enable-memory-saver (rollout.sglang.extra_args), or set rollout.offload_when_idle=false."
             )
 
+    def abort(self) -> None:
+        """``/abort_request`` with ``abort_all`` on every server in use: the generations running there return
+        their tokens so far (``finish_reason="abort"``). A server that cannot be reached is left to the retries
+        of the request it runs."""
+        in_use = [sv for sv in self.servers if sv.up and not sv.retired]
+        if in_use:
+            errors = self._post_all({sv: {"abort_all": True} for sv in in_use}, "/abort_request", confirms=False)
+            for sv, err in errors.items():
+                logger.warning("rollout server %s did not take /abort_request: %s", sv.url, err)
+
     # -- lifecycle ----------------------------------------------------------------------------------------
     def health(self) -> bool:
         """True when every server still in use answers ``GET /health``."""

@@ -158,6 +158,13 @@ class TeacherConfig(ModelConfig):
     base_path: str | None = None
     base_parallel: ParallelConfig | None = None
 
+    @property
+    def base_model(self) -> ModelConfig:
+        """The base as a worker group's model: the teacher's own settings (``dtype``, ``spec``, ``fusion``,
+        ``offload_when_idle``) on ``base_path``, laid out by ``base_parallel`` (default: the teacher's layout)."""
+        own = {f.name: getattr(self, f.name) for f in dataclasses.fields(ModelConfig)}
+        return ModelConfig(**{**own, "path": self.base_path or "", "parallel": self.base_parallel or self.parallel})
+
 
 @dataclasses.dataclass
 class OptimConfig:
@@ -255,7 +262,7 @@ class OPDConfig:
         for i, t in enumerate(self.teachers):
             hf[f"teachers[{t.name}]"] = t.validate(f"teachers.{i}")
             if t.base_path:
-                ModelConfig(t.base_path, t.base_parallel or t.parallel).validate(f"teachers.{i}.base_path")
+                t.base_model.validate(f"teachers.{i}.base_path")
             if hf[f"teachers[{t.name}]"].vocab_size != hf["student"].vocab_size:
                 raise ConfigError(
                     f"teachers.{i}.path",

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from megatron_opd.config.loader import to_yaml
-from megatron_opd.config.schema import ModelConfig, OPDConfig, model_hf_dir
+from megatron_opd.config.schema import OPDConfig, model_hf_dir
 from megatron_opd.objectives.base import Objective
 from megatron_opd.rollout.base import RolloutEngine, SamplingParams
 from megatron_opd.rollout.offload import OffloadedEngine
@@ -271,7 +271,7 @@ def build_groups(cfg: OPDConfig, tokenizer: Any, objective: Objective) -> Groups
         specs.append(WorkerSpec(group="reference/student_base", model=ref, load_from=cfg.student.path, **common))
     elif reference == "teacher_base":
         for t in cfg.teachers:
-            base = ModelConfig(t.base_path or "", t.base_parallel or t.parallel, t.dtype, t.spec)
+            base = t.base_model
             specs.append(WorkerSpec(group=f"reference/{t.name}", model=base, load_from=base.path, **common))
     placements = place(cfg, specs)
     residency = Residency() if cfg.trainer.colocate else None

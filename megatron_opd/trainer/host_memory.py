@@ -68,10 +68,7 @@ def _groups(cfg: OPDConfig, hf: dict[str, Any]) -> list[_Group]:
         if cfg.objective.reference == "student_base":
             models.append((cfg.student, hf["student"]))
         else:
-            models += [
-                (ModelConfig(t.base_path or "", t.base_parallel or t.parallel, t.dtype), hf[f"teachers[{t.name}]"])
-                for t in cfg.teachers
-            ]
+            models += [(t.base_model, hf[f"teachers[{t.name}]"]) for t in cfg.teachers]
     groups, nxt = [], 0
     for i, (model, hf_config) in enumerate(models):
         first = 0 if cfg.trainer.colocate else nxt

@@ -87,3 +87,17 @@ def test_two_nodes_only_dp_rank_0_gathers(tmp_path: Path) -> None:
     assert [(m.node, m.offloaded) for m in per_node] == [(0, offloaded), (1, offloaded)]
     assert [m.save for m in per_node] == [14 * student + offloaded, offloaded]
     assert [m.resume for m in per_node] == [8 * 12 * student + offloaded] * 2
+
+
+def test_teachers_base_is_offloaded_like_its_teacher(tmp_path: Path) -> None:
+    """Reward correction: the teacher's pre-RL base is a group of its own with the teacher's settings, so with
+    the teacher offloaded when idle (colocated, one node) the base is too: both 4B models' bf16 weights are in
+    host memory at a checkpoint, beside the student's optimizer state."""
+    name = "exopd_reward_correction.yaml"
+    cfg = load_config(REPO / "configs" / "paper" / name, _overrides(name, tmp_path))
+    assert cfg.trainer.colocate and cfg.teachers[0].offload_when_idle
+    (node,) = checkpoint_host_memory(cfg, cfg.validate(), gpus_per_node=8)
+    student, _ = parameter_count(_hf("Qwen3-1.7B"))
+    teacher, _ = parameter_count(_hf("Qwen3-4B"))
+    assert node.offloaded == 2 * (8 * 2 * teacher)  # teacher and its base, DP = 8, bf16
+    assert node.save == 14 * student + node.offloaded

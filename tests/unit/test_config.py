@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
 from megatron_opd.config import ConfigError, load_config, to_yaml
+from megatron_opd.config.schema import ModelConfig, ParallelConfig, TeacherConfig
 from megatron_opd.models.tiny import save_tiny_model, tiny_config
 from megatron_opd.objectives.registry import objective_class
 
@@ -166,3 +168,23 @@ def test_fusion_and_fused_lm_head(tmp_path: Path, models: dict[str, str]) -> Non
     )
     msg = errors(p, ["teachers.0.fusion=fast"])
     assert "teachers.0.fusion" in msg and "auto, true, false" in msg
+
+
+def test_teachers_base_model_keeps_the_teachers_settings() -> None:
+    """The reference for reward correction runs as the teacher does (dtype, spec, fusion, offload when idle),
+    on ``base_path`` and ``base_parallel`` (the teacher's layout when unset)."""
+    layout = ParallelConfig(tensor_model_parallel_size=2)
+    teacher = TeacherConfig(
+        path="/t", dtype="bf16", spec="local", fusion="false", offload_when_idle=True, name="math", base_path="/b"
+    )
+    base = teacher.base_model
+    assert type(base) is ModelConfig
+    assert (base.path, base.dtype, base.spec, base.fusion, base.offload_when_idle) == (
+        "/b",
+        "bf16",
+        "local",
+        "false",
+        True,
+    )
+    assert base.parallel == teacher.parallel
+    assert dataclasses.replace(teacher, base_parallel=layout).base_model.parallel == layout

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -189,3 +190,26 @@ def test_cluster_launch_refuses_what_only_one_node_can_honour() -> None:
         check_cluster_launch(SGLangConfig())
     with pytest.raises(ConfigError, match=r"rollout.sglang.weight_sync_master_addr='127.0.0.1'"):
         check_cluster_launch(SGLangConfig(weight_sync="distributed", weight_sync_master_addr="127.0.0.1"))
+
+
+def test_servers_on_this_nodes_upper_gpus_beside_a_ray_that_has_the_lower_ones(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A node split between the trainer and the engine (asynchronous runs): Ray advertises GPUs 0-3
+    (``ray start --num-gpus 4``), four servers take GPUs 4-7 of the same node. They are launched here, not
+    placed over Ray's GPU count (which would find 4 GPUs where 8 are needed)."""
+    import ray
+    import torch
+
+    from megatron_opd.rollout.sglang import cluster
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: types.SimpleNamespace(get_node_id=lambda: "driver"))
+    monkeypatch.setattr(cluster, "gpu_nodes", lambda: [cluster.GPUNode("driver", "10.0.0.1", 4)])
+    monkeypatch.setattr(ServerProcesses, "start", lambda self, timeout_s: self)
+    s = SGLangConfig(num_servers=4, base_gpu_id=4, log_dir=str(tmp_path))
+    servers = cluster.launch_servers(s, str(tmp_path), seed=0, memory_saver=False)
+    assert isinstance(servers, ServerProcesses)
+    assert [flag(c.command, "--base-gpu-id") for c in servers.commands] == ["4", "5", "6", "7"]

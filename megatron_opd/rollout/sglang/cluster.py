@@ -33,6 +33,8 @@ from megatron_opd.rollout.sglang.launcher import (
     ServerPlacement,
     ServerProcesses,
     check_gpus,
+    gpus_needed,
+    node_gpus,
     place_servers,
     sglang_server_commands,
 )
@@ -288,7 +290,9 @@ def launch_servers(cfg: SGLangConfig, model_dir: str, *, seed: int, memory_saver
     """Start ``cfg.num_servers`` servers and wait until they are healthy: on the driver's node as
     its subprocesses, or, when they need GPUs of other nodes of the Ray cluster, through one
     :class:`NodeServers` per node used (module docstring)."""
-    nodes = gpu_nodes() if ray.is_initialized() else []
+    # on this node whenever its GPUs hold every server, whatever Ray advertises (a split node)
+    spread = ray.is_initialized() and gpus_needed(cfg) > node_gpus()
+    nodes = gpu_nodes() if spread else []
     driver_node = ray.get_runtime_context().get_node_id() if nodes else None
     placements = place_servers(cfg, [n.gpus for n in nodes]) if nodes else []
     if not placements or all(nodes[p.node].node_id == driver_node for p in placements):

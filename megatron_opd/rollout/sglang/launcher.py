@@ -191,14 +191,24 @@ def sglang_server_commands(
     return commands
 
 
-def check_gpus(cfg: SGLangConfig, placements: Sequence[ServerPlacement] | None = None) -> None:
-    """The servers ``placements`` puts on this node (default: all, from ``base_gpu_id`` on) need its
-    GPUs up to the last one's ``base_gpu_id + tp*dp``."""
+def node_gpus() -> int:
+    """This node's CUDA devices (not the GPUs Ray advertises: a node split between the trainer and the
+    servers gives Ray its first GPUs, ``ray start --num-gpus``, and the servers the rest)."""
     import torch
 
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def gpus_needed(cfg: SGLangConfig, placements: Sequence[ServerPlacement] | None = None) -> int:
+    """The GPUs of a node the servers ``placements`` puts there (default: all, from ``base_gpu_id`` on)
+    reach up to: the last one's ``base_gpu_id + tp*dp``."""
+    return max(p.base_gpu_id for p in placements or one_node(cfg)) + cfg.tp_size * cfg.dp_size
+
+
+def check_gpus(cfg: SGLangConfig, placements: Sequence[ServerPlacement] | None = None) -> None:
+    """The servers ``placements`` puts on this node (default: all) fit its GPUs (RolloutError otherwise)."""
     placements = placements or one_node(cfg)
-    need = max(p.base_gpu_id for p in placements) + cfg.tp_size * cfg.dp_size
-    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    need, have = gpus_needed(cfg, placements), node_gpus()
     if need > have:
         raise RolloutError(
             f"launching {len(placements)} SGLang server(s) with tp={cfg.tp_size} dp={cfg.dp_size} from GPU "
